@@ -1,0 +1,59 @@
+"""`curate check`: the plan of a pipeline, in words, without doing any work."""
+
+from __future__ import annotations
+
+from curate import storage
+from curate.cluster import resolve_address
+from curate.config import Pipeline
+from curate.runfolder import RunDir
+from curate.stages import STAGES
+
+
+def _resources(stage) -> str:
+    r = stage.resources
+    spec = STAGES[stage.kind]
+    worker = "actor pool (model loaded once per actor)" if spec.setup is not None else "tasks"
+    bits = [f"{r.num_cpus:g} CPU", f"{r.num_gpus:g} GPU per worker", f"concurrency {r.concurrency or 'auto'}"]
+    if r.batch_size:
+        bits.append(f"batch {r.batch_size}")
+    if r.memory:
+        bits.append(f"memory {r.memory / 2**30:.1f} GiB")
+    return ", ".join(bits) + f"; {worker}"
+
+
+def _state(run: RunDir, name: str) -> str:
+    stage = run.stage(name)
+    if stage.is_complete():
+        return "complete (will be skipped)"
+    if storage.exists(stage.record_uri):
+        planned = stage.read_record().get("shards", 0)
+        return f"{len(stage.done_shards())}/{planned} shards done (will resume)"
+    return "not started"
+
+
+def describe(pipeline: Pipeline, output: str | None = None, address: str | None = None) -> str:
+    run = RunDir(storage.absolute(output or pipeline.output))
+    where = resolve_address(address, pipeline.ray)
+    lines = [
+        f"pipeline {pipeline.name} ({pipeline.source}): valid",
+        f"run folder: {run.uri}",
+        f"ray: {'cluster at ' + where if where else 'embedded local Ray, started and stopped by the command'}",
+    ]
+    if pipeline.models:
+        preset = f" (preset {pipeline.model_preset})" if pipeline.model_preset else ""
+        lines.append(f"models{preset}:")
+        lines += [f"  {role:<10} {spec.describe()}" for role, spec in pipeline.models.items()]
+    lines.append("stages:")
+    for number, stage in enumerate(pipeline.stages, 1):
+        spec = STAGES[stage.kind]
+        upstream = pipeline.upstream(stage)
+        source = spec.describe_inputs(stage) if upstream is None else f"stage {upstream.stage_name} ({run.stage(upstream.stage_name).uri})"
+        lines += [
+            f"  {number}. {stage.stage_name} [{stage.kind}]: {spec.summary}",
+            f"     input:     {source}",
+            f"     output:    {run.stage(stage.stage_name).uri}/shard-*.parquet",
+            f"     models:    {', '.join(stage.model_roles) or '-'}",
+            f"     resources: {_resources(stage)}",
+            f"     state:     {_state(run, stage.stage_name)}",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""The `curate` command: run, check, inspect, samples."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from curate.config import ConfigError, load_pipeline
+
+
+def _stages(value: str | None) -> list[str] | None:
+    return [s.strip() for s in value.split(",") if s.strip()] if value else None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from curate.runner import RunError, run_pipeline
+
+    pipeline = load_pipeline(args.pipeline)
+    try:
+        run_pipeline(
+            pipeline,
+            output=args.output,
+            only=_stages(args.stages),
+            address=args.address,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except RunError as e:
+        print(f"curate run: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from curate import storage
+    from curate.check import describe
+    from curate.runfolder import RunDir
+    from curate.runner import RunError, select_stages
+
+    pipeline = load_pipeline(args.pipeline)
+    try:
+        select_stages(pipeline, _stages(args.stages), RunDir(storage.absolute(args.output or pipeline.output)))
+    except RunError as e:
+        print(f"curate check: {e}", file=sys.stderr)
+        return 1
+    print(describe(pipeline, args.output, args.address))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from curate import storage
+    from curate.inspect import format_any
+
+    if not storage.exists(args.target):
+        print(f"curate inspect: no such run folder or shard: {args.target}", file=sys.stderr)
+        return 1
+    print(format_any(args.target, sample=args.rows))
+    return 0
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from curate.samples import write_samples
+
+    files = write_samples(args.folder, broken=not args.no_broken, duplicates=not args.no_duplicates)
+    print(f"wrote {len(files)} image files (and their captions) to {args.folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run or resume a pipeline")
+    run.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/demo.yaml")
+    run.add_argument("--output", help="run folder (local path or s3://, gs://, file:// URI); default: the pipeline's output")
+    run.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, then the pipeline's ray.address, "
+                     "else an embedded local Ray")
+    run.add_argument("--stages", help="comma-separated stage names to run (default: all)")
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="validate a pipeline and print its plan without doing any work")
+    check.add_argument("pipeline")
+    check.add_argument("--output")
+    check.add_argument("--address")
+    check.add_argument("--stages")
+    check.set_defaults(func=_check)
+
+    inspect = sub.add_parser("inspect", help="summarise a run folder, a stage folder or a shard")
+    inspect.add_argument("target")
+    inspect.add_argument("--rows", type=int, default=3, help="sample rows to show per stage")
+    inspect.set_defaults(func=_inspect)
+
+    samples = sub.add_parser("samples", help="write the offline sample images (scikit-image, scikit-learn)")
+    samples.add_argument("folder")
+    samples.add_argument("--no-broken", action="store_true", help="leave out the three broken files")
+    samples.add_argument("--no-duplicates", action="store_true", help="leave out the near-duplicate copies")
+    samples.set_defaults(func=_samples)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Pipeline YAML -> typed, validated objects, failing before any work with file, line and field.
+
+A pipeline names a run folder, Ray settings, a model set (a preset from configs/models/ plus
+per-role overrides) and an ordered list of stages. Each stage kind brings its own pydantic model
+(see curate/stages/); unknown keys are errors everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from curate import storage
+
+
+class ConfigError(Exception):
+    """A pipeline that cannot run; the message lists every problem as `file:line: field: problem`."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid pipeline\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(Strict):
+    """Ray resources of one stage; what a worker (task or actor) reserves and how many run at once."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    concurrency: PositiveInt | None = None  # at most this many workers; None: as many as fit
+    batch_size: PositiveInt | None = None  # rows per model call, for model stages
+    memory: PositiveInt | None = None  # bytes of heap reserved per worker
+
+
+class ModelSpec(Strict):
+    """A model by Hugging Face id (with optional revision/subfolder) or by local path / URL."""
+
+    id: str | None = None
+    path: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.id is None) == (self.path is None):
+            raise ValueError("give exactly one of `id` (a hub id) or `path` (a local folder, file or URL)")
+        return self
+
+    def describe(self) -> str:
+        where = self.id if self.id is not None else self.path
+        bits = [str(where)]
+        if self.subfolder:
+            bits.append(f"subfolder={self.subfolder}")
+        if self.revision:
+            bits.append(f"revision={self.revision}")
+        if self.dtype:
+            bits.append(self.dtype)
+        return " ".join(bits)
+
+
+class RayConfig(Strict):
+    address: str | None = None  # existing cluster; --address and RAY_ADDRESS take precedence
+    num_cpus: PositiveInt | None = None  # only for the embedded local Ray
+    num_gpus: int | None = Field(None, ge=0)
+    object_store_memory: PositiveInt | None = None
+
+
+class StageConfig(Strict):
+    """Fields every stage has. A stage kind subclasses this with `kind: Literal[...]`."""
+
+    kind: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
+    resources: Resources = Resources()
+
+    # Set by subclasses: model roles the stage loads, and whether it reads an upstream stage.
+    model_roles: ClassVar[tuple[str, ...]] = ()
+    is_source: ClassVar[bool] = False
+    input: str | None = None  # upstream stage name; default: the stage before this one
+
+    @property
+    def stage_name(self) -> str:
+        return self.name or self.kind
+
+    def fingerprint(self) -> str:
+        """What decides a stage's output; resource settings are excluded so they can change on resume."""
+        data = self.model_dump(exclude={"resources", "name"}, mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems with the world outside the config (missing input folders, ...): (field path, message)."""
+        return []
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    source: str  # the file it came from
+    output: str
+    ray: RayConfig
+    models: dict[str, ModelSpec]
+    model_preset: str | None
+    stages: tuple[StageConfig, ...]
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.stage_name == name:
+                return stage
+        raise KeyError(name)
+
+    def upstream(self, stage: StageConfig) -> StageConfig | None:
+        if stage.is_source:
+            return None
+        if stage.input is not None:
+            return self.stage(stage.input)
+        index = self.stages.index(stage)
+        return self.stages[index - 1] if index > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "output": self.output,
+            "ray": self.ray.model_dump(exclude_none=True),
+            "models": {role: spec.model_dump(exclude_none=True) for role, spec in self.models.items()},
+            "stages": [s.model_dump(exclude_none=True, mode="json") for s in self.stages],
+        }
+
+    def to_yaml(self) -> str:
+        header = f"# resolved from {self.source}" + (f" with model preset {self.model_preset}" if self.model_preset else "")
+        return header + "\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class _PipelineFile(Strict):
+    name: str
+    output: str
+    ray: RayConfig = RayConfig()
+    models: str | dict[str, Any] | None = None
+    stages: list[dict[str, Any]] = Field(min_length=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[Any, ...], int]]:
+    yield path, node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            yield path + (key.value,), key.start_mark.line + 1
+            yield from _line_index(value, path + (key.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _line_index(item, path + (i,))
+
+
+@dataclass
+class _Source:
+    name: str
+    lines: dict[tuple[Any, ...], int]
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        while path and path not in self.lines:
+            path = path[:-1]
+        line = self.lines.get(path)
+        return f"{self.name}:{line}" if line else self.name
+
+
+def _load_yaml(text: str, name: str) -> tuple[Any, _Source]:
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise ConfigError(name, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    lines = dict(_line_index(node)) if node is not None else {}
+    return data, _Source(name, lines)
+
+
+def format_path(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required field is missing"
+    got = error.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    return f"{error['msg']} (got {shown})"
+
+
+def _pydantic_problems(
+    error: ValidationError, prefix: tuple[Any, ...], source: _Source, allowed: Iterable[str] = ()
+) -> list[str]:
+    problems = []
+    for e in error.errors():
+        path = prefix + tuple(p for p in e["loc"] if p != "__root__")
+        message = _describe_error(e)
+        if e["type"] == "extra_forbidden" and allowed:
+            message += f" (allowed: {', '.join(sorted(allowed))})"
+        problems.append(f"{source.where(path)}: {format_path(path)}: {message}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# model presets
+
+
+def preset_search_path(pipeline_file: Path) -> list[Path]:
+    """configs/models/ folders to look in: $CURATE_CONFIGS, then next to the pipeline file and its parents."""
+    folders = []
+    if os.environ.get("CURATE_CONFIGS"):
+        folders.append(Path(os.environ["CURATE_CONFIGS"]) / "models")
+    for parent in [pipeline_file.parent, *pipeline_file.parent.parents]:
+        candidate = parent / "configs" / "models"
+        if candidate.is_dir():
+            folders.append(candidate)
+    return folders
+
+
+def available_presets(pipeline_file: Path) -> list[str]:
+    names = set()
+    for folder in preset_search_path(pipeline_file):
+        names.update(p.stem for p in folder.glob("*.yaml"))
+    return sorted(names)
+
+
+def _find_preset(ref: str, pipeline_file: Path) -> Path | None:
+    as_path = (pipeline_file.parent / ref) if not os.path.isabs(ref) else Path(ref)
+    if ref.endswith((".yaml", ".yml")) and as_path.is_file():
+        return as_path
+    for folder in preset_search_path(pipeline_file):
+        if (folder / f"{ref}.yaml").is_file():
+            return folder / f"{ref}.yaml"
+    return None
+
+
+def _resolve_models(raw: Any, pipeline_file: Path, source: _Source) -> tuple[dict[str, ModelSpec], str | None, list[str]]:
+    """Preset (by name or path) merged with per-role overrides; an override replaces the whole role."""
+    problems: list[str] = []
+    if raw is None:
+        return {}, None, problems
+    preset_ref = raw if isinstance(raw, str) else raw.get("preset")
+    overrides = {} if isinstance(raw, str) else {k: v for k, v in raw.items() if k != "preset"}
+    entries: dict[str, tuple[Any, _Source, tuple[Any, ...]]] = {}
+    if preset_ref is not None:
+        preset_path = _find_preset(str(preset_ref), pipeline_file)
+        field = ("models",) if isinstance(raw, str) else ("models", "preset")
+        if preset_path is None:
+            known = ", ".join(available_presets(pipeline_file)) or "none found"
+            problems.append(
+                f"{source.where(field)}: {format_path(field)}: no model preset {preset_ref!r} "
+                f"(looked for configs/models/{preset_ref}.yaml; available: {known})"
+            )
+        else:
+            preset_data, preset_source = _load_yaml(preset_path.read_text(), str(preset_path))
+            if not isinstance(preset_data, dict):
+                problems.append(f"{preset_path}: a model preset is a mapping of role -> model")
+            else:
+                for role, spec in preset_data.items():
+                    entries[role] = (spec, preset_source, (role,))
+    for role, spec in overrides.items():
+        entries[role] = (spec, source, ("models", role))
+    models = {}
+    for role, (spec, where, path) in entries.items():
+        if not isinstance(spec, dict):
+            problems.append(f"{where.where(path)}: {format_path(path)}: expected a mapping with `id` or `path`")
+            continue
+        try:
+            models[role] = ModelSpec(**spec)
+        except ValidationError as e:
+            problems += _pydantic_problems(e, path, where, ModelSpec.model_fields)
+    return models, (str(preset_ref) if preset_ref is not None else None), problems
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _local_model_exists(spec: ModelSpec) -> bool:
+    if spec.path is None or (storage.has_scheme(spec.path) and not spec.path.startswith("file://")):
+        return True  # hub ids and remote URLs are checked when loaded, on the machine that loads them
+    return storage.exists(spec.path)
+
+
+def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = None) -> Pipeline:
+    """Validate a pipeline's text. Raises ConfigError listing every problem found."""
+    from curate.stages import STAGES  # the registry imports this module
+
+    pipeline_file = (base_dir or Path.cwd()) / Path(name).name
+    data, source = _load_yaml(text, name)
+    if not isinstance(data, dict):
+        raise ConfigError(name, [f"{name}: a pipeline is a mapping with name, output and stages"])
+    try:
+        top = _PipelineFile(**data)
+    except ValidationError as e:
+        raise ConfigError(name, _pydantic_problems(e, (), source, _PipelineFile.model_fields)) from None
+
+    problems: list[str] = []
+    models, preset, model_problems = _resolve_models(top.models, pipeline_file, source)
+    problems += model_problems
+
+    stages: list[StageConfig] = []
+    for i, raw in enumerate(top.stages):
+        path: tuple[Any, ...] = ("stages", i)
+        kind = raw.get("kind")
+        if kind not in STAGES:
+            known = ", ".join(sorted(STAGES))
+            where = path + ("kind",) if "kind" in raw else path
+            problems.append(f"{source.where(where)}: {format_path(where)}: unknown stage kind {kind!r} (known: {known})")
+            continue
+        config_class = STAGES[kind].config
+        try:
+            stages.append(config_class(**raw))
+        except ValidationError as e:
+            problems += _pydantic_problems(e, path, source, config_class.model_fields)
+
+    if not problems:
+        problems += _check_graph(stages, models, source)
+    if problems:
+        raise ConfigError(name, problems)
+    return Pipeline(top.name, name, top.output, top.ray, models, preset, tuple(stages))
+
+
+def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source: _Source) -> list[str]:
+    problems = []
+    seen: list[str] = []
+    for i, stage in enumerate(stages):
+        path = ("stages", i)
+        name = stage.stage_name
+        if name in seen:
+            problems.append(f"{source.where(path)}: {format_path(path)}: stage name {name!r} is used twice; give one a `name`")
+        if stage.is_source and stage.input is not None:
+            problems.append(
+                f"{source.where(path + ('input',))}: {format_path(path + ('input',))}: "
+                f"a {stage.kind} stage is a source and reads no earlier stage"
+            )
+        if not stage.is_source:
+            if stage.input is not None and stage.input not in seen:
+                problems.append(
+                    f"{source.where(path + ('input',))}: {format_path(path + ('input',))}: "
+                    f"no earlier stage named {stage.input!r} (earlier: {', '.join(seen) or 'none'})"
+                )
+            elif stage.input is None and not seen:
+                problems.append(f"{source.where(path)}: {format_path(path)}: a {stage.kind} stage needs an earlier stage to read")
+        for role in stage.model_roles:
+            if role not in models:
+                problems.append(
+                    f"{source.where(path)}: {format_path(path)}: stage {name!r} needs model {role!r}, "
+                    f"which the pipeline's models do not define (defined: {', '.join(sorted(models)) or 'none'})"
+                )
+            elif not _local_model_exists(models[role]):
+                problems.append(
+                    f"{source.where(('models', role))}: models.{role}.path: no such file or folder: {models[role].path}"
+                )
+        for field_path, message in stage.check_inputs():
+            full = path + tuple(field_path)
+            problems.append(f"{source.where(full)}: {format_path(full)}: {message}")
+        seen.append(name)
+    return problems
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"{path}: no such pipeline file"])
+    return parse_pipeline(path.read_text(), str(path), base_dir=path.parent.resolve())

@@ -1,0 +1,271 @@
+"""Run a pipeline: for each stage, plan shards once, then process the shards not yet done on Ray.
+
+A stage is a Ray Data pipeline over its pending shard tasks: `from_items(tasks).map_batches(...)`,
+with plain tasks for CPU stages and an actor pool (model loaded once per actor) for model stages.
+Each worker writes its output shard atomically and then its completion marker, so the driver only
+sees small result rows and a killed run resumes at the first shard without a marker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from curate import __version__, storage
+from curate.cluster import ray_session, resolve_address
+from curate.config import Pipeline, StageConfig
+from curate.progress import Progress
+from curate.runfolder import RunDir, ShardStats, ShardTask, StageDir, summarize
+from curate.schema import SCHEMA_VERSION, parquet_options
+from curate.stages import STAGES, StageSpec, WorkContext
+
+
+class RunError(Exception):
+    """The run cannot go on (before work: a bad selection or a changed stage; after: failed shards)."""
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """What a worker is handed: the stage kind, its config and context (all picklable)."""
+
+    kind: str
+    config: StageConfig
+    context: WorkContext
+
+
+def execute_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
+    """Process one shard, write it, then its marker. Errors are returned, never raised."""
+    spec = STAGES[job.kind]
+    stage_dir = StageDir(storage.join(job.context.run_uri, job.context.stage_name))
+    started = time.perf_counter()
+    try:
+        output = spec.process(job.config, task, job.context, state)
+        table = output.table.replace_schema_metadata(
+            {
+                **(output.table.schema.metadata or {}),
+                b"curate.stage": job.context.stage_name.encode(),
+                b"curate.kind": job.kind.encode(),
+                b"curate.version": __version__.encode(),
+                b"curate.schema_version": SCHEMA_VERSION.encode(),
+            }
+        )
+        size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, **parquet_options(table))
+        status = Counter(table["status"].to_pylist()) if "status" in table.column_names else {"ok": table.num_rows}
+        stats = ShardStats(task.index, table.num_rows, dict(status), round(time.perf_counter() - started, 4), size, output.extra)
+        stage_dir.write_marker(stats)
+        return {"shard": task.index, "ok": True, "rows": table.num_rows, "error": ""}
+    except Exception:
+        return {"shard": task.index, "ok": False, "rows": 0, "error": traceback.format_exc(limit=8)}
+
+
+def _tasks_from_batch(batch: dict[str, np.ndarray]) -> list[ShardTask]:
+    return [ShardTask(int(i), tuple(json.loads(s))) for i, s in zip(batch["index"], batch["inputs"], strict=True)]
+
+
+def _columns(results: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {name: [r[name] for r in results] for name in ("shard", "ok", "rows", "error")}
+
+
+def run_shard_batch(batch: dict[str, np.ndarray], job: StageJob) -> dict[str, list[Any]]:
+    """Task-pool entry point for stages without per-worker state."""
+    return _columns([execute_shard(job, task, None) for task in _tasks_from_batch(batch)])
+
+
+class ShardActor:
+    """Actor-pool entry point: the stage's `setup` (a model load) runs once per actor."""
+
+    def __init__(self, job: StageJob):
+        self.job = job
+        setup = STAGES[job.kind].setup
+        assert setup is not None
+        self.state = setup(job.config, job.context)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        return _columns([execute_shard(self.job, task, self.state) for task in _tasks_from_batch(batch)])
+
+
+def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
+    import ray.data
+
+    resources = job.config.resources
+    items = [{"index": t.index, "inputs": json.dumps(list(t.inputs))} for t in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
+    remote = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus or None}
+    if resources.memory:
+        remote["memory"] = resources.memory
+    if spec.setup is None:
+        return ds.map_batches(
+            run_shard_batch,
+            fn_kwargs={"job": job},
+            batch_size=1,
+            compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
+            **remote,
+        )
+    return ds.map_batches(
+        ShardActor,
+        fn_constructor_kwargs={"job": job},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=resources.concurrency or None, max_tasks_in_flight_per_actor=2
+        ),
+        **remote,
+    )
+
+
+def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
+    """Rows each shard should have: one per input file for sources, the upstream shard's rows otherwise."""
+    if upstream is None:
+        return {t.index: len(t.inputs) for t in tasks}
+    rows = {s.shard: s.rows for s in upstream.shard_stats()}
+    return {t.index: rows.get(t.index, 0) for t in tasks}
+
+
+def _utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_recorded_settings(run: RunDir, stage: StageConfig) -> None:
+    """A stage already started in this run folder must be resumed with the settings it was started with."""
+    stage_dir = run.stage(stage.stage_name)
+    if not storage.exists(stage_dir.record_uri):
+        return
+    record = stage_dir.read_record()
+    if record.get("kind") != stage.kind or record.get("fingerprint") != stage.fingerprint():
+        raise RunError(
+            f"stage {stage.stage_name!r} in {run.uri} was made with different settings "
+            f"(recorded {record.get('kind')}/{record.get('fingerprint')}, now {stage.kind}/{stage.fingerprint()}). "
+            f"Use another --output, or delete {stage_dir.uri} to redo the stage."
+        )
+
+
+def prepare_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig) -> tuple[StageDir, list[ShardTask]]:
+    """The stage's plan: read back when it exists (after checking the settings match), else made now."""
+    spec = STAGES[stage.kind]
+    stage_dir = run.stage(stage.stage_name)
+    upstream_cfg = pipeline.upstream(stage)
+    upstream = run.stage(upstream_cfg.stage_name) if upstream_cfg else None
+    check_recorded_settings(run, stage)
+    tasks = stage_dir.read_plan()
+    if tasks is not None:
+        return stage_dir, tasks
+    tasks = spec.plan(stage, upstream)
+    stage_dir.write_plan(
+        tasks,
+        {
+            "kind": stage.kind,
+            "fingerprint": stage.fingerprint(),
+            "config": stage.model_dump(mode="json"),
+            "upstream": upstream_cfg.stage_name if upstream_cfg else None,
+            "planned_at": _utcnow(),
+        },
+    )
+    return stage_dir, tasks
+
+
+def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) -> dict[str, Any]:
+    spec = STAGES[stage.kind]
+    name = stage.stage_name
+    stage_dir = run.stage(name)
+    if stage_dir.is_complete():
+        log(f"[{name}] complete already; skipped")
+        return storage.read_json(stage_dir.success_uri)
+    stage_dir, tasks = prepare_stage(pipeline, run, stage)
+    upstream_cfg = pipeline.upstream(stage)
+    upstream = run.stage(upstream_cfg.stage_name) if upstream_cfg else None
+    expected = expected_rows(stage, tasks, upstream)
+    storage.remove_temporaries(stage_dir.uri)
+
+    done = stage_dir.done_shards()
+    pending = [t for t in tasks if t.index not in done]
+    progress = Progress(name, len(tasks), sum(expected.values()), write=log)
+    progress.shards_done = len(tasks) - len(pending)
+    progress.rows_done = sum(expected[i] for i in done if i in expected)
+    if done:
+        log(f"[{name}] resuming: {len(done)} of {len(tasks)} shards already done")
+    progress.start()
+
+    failures: dict[int, str] = {}
+    started = time.monotonic()
+    if pending:
+        context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models))
+        job = StageJob(stage.kind, stage, context)
+        for result in _map_shards(spec, job, pending).iter_rows():
+            if result["ok"]:
+                progress.update(int(result["rows"]))
+            else:
+                failures[int(result["shard"])] = str(result["error"])
+                progress.update(0, ok=False)
+    if failures:
+        first = next(iter(sorted(failures)))
+        raise RunError(
+            f"stage {name!r}: {len(failures)} of {len(tasks)} shards failed; the others are saved and a re-run "
+            f"redoes only the failed ones. First failure, shard {first}:\n{failures[first]}"
+        )
+    missing = [t.index for t in tasks if t.index not in stage_dir.done_shards()]
+    if missing:
+        raise RunError(f"stage {name!r}: shards {missing[:10]} have no completion marker after the run")
+    record = {
+        "stage": name,
+        "kind": stage.kind,
+        "completed_at": _utcnow(),
+        "wall_seconds_last_run": round(time.monotonic() - started, 3),
+        **summarize(stage_dir.shard_stats()),
+    }
+    storage.write_json(stage_dir.success_uri, record)
+    log(f"[{name}] complete: {record['rows']:,} rows in {record['shards']} shards, status {record['status']}")
+    return record
+
+
+def select_stages(pipeline: Pipeline, only: list[str] | None, run: RunDir) -> list[StageConfig]:
+    """The stages to run, checked before any work: names exist and every upstream is run or complete."""
+    names = [s.stage_name for s in pipeline.stages]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise RunError(f"--stages: no stage named {', '.join(map(repr, unknown))} (stages: {', '.join(names)})")
+    selected = [s for s in pipeline.stages if not only or s.stage_name in only]
+    chosen = {s.stage_name for s in selected}
+    for stage in selected:
+        upstream = pipeline.upstream(stage)
+        if upstream and upstream.stage_name not in chosen and not run.stage(upstream.stage_name).is_complete():
+            raise RunError(
+                f"stage {stage.stage_name!r} reads stage {upstream.stage_name!r}, which is neither complete in "
+                f"{run.uri} nor selected; add it to --stages"
+            )
+    return selected
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    output: str | None = None,
+    only: list[str] | None = None,
+    address: str | None = None,
+    log=print,
+) -> dict[str, dict[str, Any]]:
+    """Run (or resume) the selected stages in order; returns each stage's completion record."""
+    run = RunDir(storage.absolute(output or pipeline.output))
+    selected = select_stages(pipeline, only, run)
+    for stage in selected:  # fail on changed settings before starting Ray or doing any work
+        check_recorded_settings(run, stage)
+    storage.makedirs(run.uri)
+    storage.write_atomic(run.pipeline_uri, pipeline.to_yaml().encode())
+    entry = {"started_at": _utcnow(), "stages": [s.stage_name for s in selected], "version": __version__}
+    records: dict[str, dict[str, Any]] = {}
+    with ray_session(resolve_address(address, pipeline.ray), pipeline.ray) as where:
+        log(f"run folder {run.uri} on {where}")
+        try:
+            for stage in selected:
+                records[stage.stage_name] = run_stage(pipeline, run, stage, log=log)
+        finally:
+            run.append_log({**entry, "finished_at": _utcnow(), "completed": list(records), "cluster": where})
+    return records
+
+
+__all__ = ["RunError", "run_pipeline", "run_stage", "select_stages"]

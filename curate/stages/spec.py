@@ -1,0 +1,51 @@
+"""What the runner needs to know about a stage kind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from curate.config import ModelSpec, StageConfig
+from curate.runfolder import ShardTask, StageDir
+
+
+@dataclass(frozen=True)
+class WorkContext:
+    """Everything a worker needs besides its shard; plain data so it pickles to Ray workers."""
+
+    run_uri: str
+    stage_name: str
+    upstream_uri: str | None
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    """A processed shard and any stage-specific counters to keep in its completion marker."""
+
+    table: pa.Table
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: type[StageConfig]
+    summary: str  # one line for `curate check`
+    schema: pa.Schema
+    # (config, upstream stage folder or None) -> shard tasks; called once, on the stage's first run
+    plan: Callable[[Any, StageDir | None], list[ShardTask]]
+    # (config, task, context, state from setup) -> the output shard
+    process: Callable[[Any, ShardTask, WorkContext, Any], ShardOutput]
+    # (config, context) -> state loaded once per worker (a model); None makes it a plain task stage
+    setup: Callable[[Any, WorkContext], Any] | None = None
+    describe_inputs: Callable[[Any], str] = lambda config: ""
+
+
+def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:
+    """The plan of a transform stage: output shard i is made from upstream shard i."""
+    assert upstream is not None
+    return [ShardTask(i, (upstream.shard(i),)) for i in sorted(upstream.done_shards())]
