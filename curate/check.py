@@ -47,7 +47,11 @@ def describe(pipeline: Pipeline, output: str | None = None, address: str | None 
     for number, stage in enumerate(pipeline.stages, 1):
         spec = STAGES[stage.kind]
         upstream = pipeline.upstream(stage)
-        source = spec.describe_inputs(stage) if upstream is None else f"stage {upstream.stage_name} ({run.stage(upstream.stage_name).uri})"
+        source = (
+            spec.describe_inputs(stage)
+            if upstream is None
+            else f"stage {upstream.stage_name} ({run.stage(upstream.stage_name).uri})"
+        )
         lines += [
             f"  {number}. {stage.stage_name} [{stage.kind}]: {spec.summary}",
             f"     input:     {source}",

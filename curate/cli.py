@@ -71,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run or resume a pipeline")
     run.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/demo.yaml")
-    run.add_argument("--output", help="run folder (local path or s3://, gs://, file:// URI); default: the pipeline's output")
-    run.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, then the pipeline's ray.address, "
-                     "else an embedded local Ray")
+    run.add_argument(
+        "--output", help="run folder (local path or s3://, gs://, file:// URI); default: the pipeline's output"
+    )
+    run.add_argument(
+        "--address",
+        help="Ray cluster address; default: RAY_ADDRESS, then the pipeline's ray.address, else an embedded local Ray",
+    )
     run.add_argument("--stages", help="comma-separated stage names to run (default: all)")
     run.set_defaults(func=_run)
 

@@ -138,7 +138,9 @@ class Pipeline:
         }
 
     def to_yaml(self) -> str:
-        header = f"# resolved from {self.source}" + (f" with model preset {self.model_preset}" if self.model_preset else "")
+        header = f"# resolved from {self.source}" + (
+            f" with model preset {self.model_preset}" if self.model_preset else ""
+        )
         return header + "\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -158,11 +160,11 @@ def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> Iterable[tuple[t
     yield path, node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            yield path + (key.value,), key.start_mark.line + 1
-            yield from _line_index(value, path + (key.value,))
+            yield (*path, key.value), key.start_mark.line + 1
+            yield from _line_index(value, (*path, key.value))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            yield from _line_index(item, path + (i,))
+            yield from _line_index(item, (*path, i))
 
 
 @dataclass
@@ -253,7 +255,9 @@ def _find_preset(ref: str, pipeline_file: Path) -> Path | None:
     return None
 
 
-def _resolve_models(raw: Any, pipeline_file: Path, source: _Source) -> tuple[dict[str, ModelSpec], str | None, list[str]]:
+def _resolve_models(
+    raw: Any, pipeline_file: Path, source: _Source
+) -> tuple[dict[str, ModelSpec], str | None, list[str]]:
     """Preset (by name or path) merged with per-role overrides; an override replaces the whole role."""
     problems: list[str] = []
     if raw is None:
@@ -323,8 +327,10 @@ def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = 
         kind = raw.get("kind")
         if kind not in STAGES:
             known = ", ".join(sorted(STAGES))
-            where = path + ("kind",) if "kind" in raw else path
-            problems.append(f"{source.where(where)}: {format_path(where)}: unknown stage kind {kind!r} (known: {known})")
+            where = (*path, "kind") if "kind" in raw else path
+            problems.append(
+                f"{source.where(where)}: {format_path(where)}: unknown stage kind {kind!r} (known: {known})"
+            )
             continue
         config_class = STAGES[kind].config
         try:
@@ -346,20 +352,24 @@ def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source
         path = ("stages", i)
         name = stage.stage_name
         if name in seen:
-            problems.append(f"{source.where(path)}: {format_path(path)}: stage name {name!r} is used twice; give one a `name`")
+            problems.append(
+                f"{source.where(path)}: {format_path(path)}: stage name {name!r} is used twice; give one a `name`"
+            )
         if stage.is_source and stage.input is not None:
             problems.append(
-                f"{source.where(path + ('input',))}: {format_path(path + ('input',))}: "
+                f"{source.where((*path, 'input'))}: {format_path((*path, 'input'))}: "
                 f"a {stage.kind} stage is a source and reads no earlier stage"
             )
         if not stage.is_source:
             if stage.input is not None and stage.input not in seen:
                 problems.append(
-                    f"{source.where(path + ('input',))}: {format_path(path + ('input',))}: "
+                    f"{source.where((*path, 'input'))}: {format_path((*path, 'input'))}: "
                     f"no earlier stage named {stage.input!r} (earlier: {', '.join(seen) or 'none'})"
                 )
             elif stage.input is None and not seen:
-                problems.append(f"{source.where(path)}: {format_path(path)}: a {stage.kind} stage needs an earlier stage to read")
+                problems.append(
+                    f"{source.where(path)}: {format_path(path)}: a {stage.kind} stage needs an earlier stage to read"
+                )
         for role in stage.model_roles:
             if role not in models:
                 problems.append(

@@ -15,6 +15,7 @@ embeds, captions and encodes is the same image whichever stage looks at it:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -74,10 +75,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except (SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
         raise ImageError("decode_error", f"{type(e).__name__}: {e}") from None
     mode = image.mode
-    try:
+    with contextlib.suppress(Exception):  # a malformed EXIF block must not lose an otherwise good image
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block must not lose an otherwise good image
-        pass
     return Decoded(to_rgb(image), fmt, mode)
 
 

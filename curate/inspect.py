@@ -73,7 +73,9 @@ def shard_summary(uri: str, sample: int = 3) -> dict[str, Any]:
     if "status" in columns:
         status = dict(Counter(file.read(columns=["status"])["status"].to_pylist()))
     head = file.read_row_group(0).slice(0, sample).to_pylist() if file.metadata.num_row_groups else []
-    metadata = {k.decode(): v.decode() for k, v in (file.schema_arrow.metadata or {}).items() if k.startswith(b"curate.")}
+    metadata = {
+        k.decode(): v.decode() for k, v in (file.schema_arrow.metadata or {}).items() if k.startswith(b"curate.")
+    }
     return {
         "uri": uri,
         "rows": file.metadata.num_rows,
@@ -122,7 +124,11 @@ def _sample_lines(run_uri: str, name: str, sample: int) -> list[str]:
     shard = first_shard(run_uri, name)
     if shard is None:
         return []
-    return ["", f"stage {name}: schema and {sample} sample rows of {shard}", *_shard_lines(shard_summary(shard, sample))]
+    return [
+        "",
+        f"stage {name}: schema and {sample} sample rows of {shard}",
+        *_shard_lines(shard_summary(shard, sample)),
+    ]
 
 
 def format_run(run_uri: str, sample: int = 3, only: str | None = None) -> str:

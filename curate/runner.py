@@ -58,7 +58,9 @@ def execute_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
         )
         size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, **parquet_options(table))
         status = Counter(table["status"].to_pylist()) if "status" in table.column_names else {"ok": table.num_rows}
-        stats = ShardStats(task.index, table.num_rows, dict(status), round(time.perf_counter() - started, 4), size, output.extra)
+        stats = ShardStats(
+            task.index, table.num_rows, dict(status), round(time.perf_counter() - started, 4), size, output.extra
+        )
         stage_dir.write_marker(stats)
         return {"shard": task.index, "ok": True, "rows": table.num_rows, "error": ""}
     except Exception:

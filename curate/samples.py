@@ -94,8 +94,21 @@ def write_samples(folder: str | Path, broken: bool = True, duplicates: bool = Tr
     for name in rgb_jpeg:
         image = _fit(Image.fromarray(_skimage(name)()))
         put(name, image, ".jpg", CAPTIONS[name], f"skimage.data.{name}", quality=92)
-    put("rocket", _fit(Image.fromarray(_skimage("rocket")())), ".webp", CAPTIONS["rocket"], "skimage.data.rocket", quality=90)
-    put("colorwheel", Image.fromarray(_skimage("colorwheel")()), ".png", CAPTIONS["colorwheel"], "skimage.data.colorwheel")
+    put(
+        "rocket",
+        _fit(Image.fromarray(_skimage("rocket")())),
+        ".webp",
+        CAPTIONS["rocket"],
+        "skimage.data.rocket",
+        quality=90,
+    )
+    put(
+        "colorwheel",
+        Image.fromarray(_skimage("colorwheel")()),
+        ".png",
+        CAPTIONS["colorwheel"],
+        "skimage.data.colorwheel",
+    )
     for name in ["camera", "coins", "page", "text", "brick", "grass", "gravel", "clock", "cell"]:
         image = _fit(Image.fromarray(_skimage(name)()))
         put(name, image, ".png", CAPTIONS[name], f"skimage.data.{name}")
@@ -111,29 +124,60 @@ def write_samples(folder: str | Path, broken: bool = True, duplicates: bool = Tr
     indices[transparent] = 63
     palette_image = Image.fromarray(indices, "P")
     palette_image.putpalette(palette.getpalette())
-    put("logo-palette", palette_image, ".gif", CAPTIONS["logo"], "skimage.data.logo, palette with transparency",
-        transparency=63)
+    put(
+        "logo-palette",
+        palette_image,
+        ".gif",
+        CAPTIONS["logo"],
+        "skimage.data.logo, palette with transparency",
+        transparency=63,
+    )
     # 1-bit PNG
     horse = Image.fromarray(_skimage("horse")()).convert("1")
     put("horse", horse, ".png", CAPTIONS["horse"], "skimage.data.horse as 1-bit")
     # CMYK JPEG
-    put("coffee-cmyk", _fit(Image.fromarray(_skimage("coffee")())).convert("CMYK"), ".jpg", CAPTIONS["coffee"],
-        "skimage.data.coffee in CMYK", quality=92)
+    put(
+        "coffee-cmyk",
+        _fit(Image.fromarray(_skimage("coffee")())).convert("CMYK"),
+        ".jpg",
+        CAPTIONS["coffee"],
+        "skimage.data.coffee in CMYK",
+        quality=92,
+    )
     # A photo stored sideways with EXIF orientation 6 (display rotated 90 degrees clockwise)
     chelsea = _fit(Image.fromarray(_skimage("chelsea")()))
     exif = Image.Exif()
     exif[0x0112] = 6
-    put("chelsea-exif", chelsea.transpose(Image.Transpose.ROTATE_90), ".jpg", CAPTIONS["chelsea"],
-        "skimage.data.chelsea stored rotated, EXIF orientation 6", quality=92, exif=exif)
+    put(
+        "chelsea-exif",
+        chelsea.transpose(Image.Transpose.ROTATE_90),
+        ".jpg",
+        CAPTIONS["chelsea"],
+        "skimage.data.chelsea stored rotated, EXIF orientation 6",
+        quality=92,
+        exif=exif,
+    )
     for index, name in enumerate(["china", "flower"]):
-        put(name, _fit(Image.fromarray(_sklearn(index)())), ".jpg", CAPTIONS[name],
-            f"sklearn.datasets.load_sample_images()[{index}]", quality=92)
+        put(
+            name,
+            _fit(Image.fromarray(_sklearn(index)())),
+            ".jpg",
+            CAPTIONS[name],
+            f"sklearn.datasets.load_sample_images()[{index}]",
+            quality=92,
+        )
 
     if duplicates:
         astronaut = _fit(Image.fromarray(_skimage("astronaut")()))
         w, h = astronaut.size
-        put("astronaut-crop", astronaut.crop((w // 10, h // 10, w - w // 12, h - h // 12)), ".jpg",
-            "An astronaut portrait, cropped.", "crop of skimage.data.astronaut", quality=85)
+        put(
+            "astronaut-crop",
+            astronaut.crop((w // 10, h // 10, w - w // 12, h - h // 12)),
+            ".jpg",
+            "An astronaut portrait, cropped.",
+            "crop of skimage.data.astronaut",
+            quality=85,
+        )
         coffee = _fit(Image.fromarray(_skimage("coffee")()), 400)
         put("coffee-small", coffee, ".jpg", None, "skimage.data.coffee resized, JPEG quality 40", quality=40)
 

@@ -45,7 +45,7 @@ class LocalConfig(StageConfig):
     is_source: ClassVar[bool] = True
 
     path: str = Field(description="a folder (searched recursively) or a glob such as photos/**/*.jpg")
-    extensions: list[str] = ["jpg", "jpeg", "png", "webp", "gif"]
+    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif")
     captions: Literal["txt", "none"] | TableCaptions = "txt"
     shard_size: PositiveInt = 1000
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
@@ -58,8 +58,8 @@ class LocalConfig(StageConfig):
 
     @field_validator("extensions")
     @classmethod
-    def _lower(cls, value: list[str]) -> list[str]:
-        return [e.lower().lstrip(".") for e in value]
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower().lstrip(".") for e in value)
 
     def root_and_pattern(self) -> tuple[str, str | None]:
         parts = self.path.split("/")
