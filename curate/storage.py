@@ -108,6 +108,12 @@ class FileEntry:
     size: int
 
 
+def _below(path: str, base: str) -> str:
+    """``path`` relative to ``base``; some fsspec filesystems add or drop a leading slash, so compare without."""
+    path, base = path.replace(os.sep, "/").lstrip("/"), base.replace(os.sep, "/").strip("/")
+    return posixpath.relpath(path, base) if base else path
+
+
 def list_files(root: str, pattern: str | None = None, recursive: bool = True) -> list[FileEntry]:
     """Files under ``root`` (sorted by relative path), optionally filtered by a glob on the relative path."""
     fs, base = resolve(root)
@@ -116,7 +122,7 @@ def list_files(root: str, pattern: str | None = None, recursive: bool = True) ->
     for info in fs.get_file_info(selector):
         if info.type != pafs.FileType.File:
             continue
-        relative = posixpath.relpath(info.path.replace(os.sep, "/"), base.replace(os.sep, "/"))
+        relative = _below(info.path, base)
         if pattern and not fnmatch.fnmatchcase(relative, pattern):
             continue
         entries.append(FileEntry(join(root, relative), relative, info.size))
