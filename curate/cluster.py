@@ -20,6 +20,7 @@ def quiet_ray_data() -> None:
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 def resolve_address(cli_address: str | None, config: RayConfig) -> str | None:

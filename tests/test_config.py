@@ -186,3 +186,14 @@ def test_shipped_pipelines_check_without_work(tmp_path, sample_images):
         assert f"pipeline {path.stem}" in result.stdout and ": valid" in result.stdout
         assert "resources:" in result.stdout and "output:" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-data"]  # no run folder was made
+
+
+def test_caption_table_columns_are_checked(tmp_path, sample_images):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"file": ["a.jpg"], "text": ["x"]}), tmp_path / "captions.parquet")
+    text = GOOD.format(out=tmp_path / "run", images=sample_images)
+    text += f"    captions: {{table: {tmp_path / 'captions.parquet'}, caption_column: caption}}\n"
+    (problem,) = problems(tmp_path, text)
+    assert "stages[0].captions.caption_column: no column 'caption'" in problem and "columns: file, text" in problem

@@ -158,3 +158,26 @@ def test_run_folder_records_and_inspect(ray_cluster, sample_images, tmp_path):
 
     missing = curate_cli("inspect", str(tmp_path / "nothing-here"))
     assert missing.returncode == 1 and "no such run folder or shard" in missing.stderr
+
+
+def test_a_failing_shard_is_reported_and_redone_alone(ray_cluster, sample_images, tmp_path):
+    """A shard whose write fails does not stop the others; the command exits 1; a re-run redoes only it."""
+    path = write_pipeline(tmp_path, "run", sample_images, shard_size=10)
+    blocker = tmp_path / "run" / "ingest" / "shard-00001.parquet"
+    blocker.mkdir(parents=True)  # a directory where the shard must go: its rename fails
+    (blocker / "x").write_text("in the way")
+    result = curate_cli("run", str(path), "--address", ray_cluster)
+    assert result.returncode == 1
+    assert "1 of 4 shards failed" in result.stderr and "First failure, shard 1" in result.stderr
+    markers = sorted(p.name for p in (tmp_path / "run" / "ingest" / "_shards").iterdir())
+    assert markers == ["shard-00000.json", "shard-00002.json", "shard-00003.json"]
+    before = {m: (tmp_path / "run" / "ingest" / "_shards" / m).stat().st_mtime_ns for m in markers}
+
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    result = curate_cli("run", str(path), "--address", ray_cluster)
+    assert result.returncode == 0, result.stderr
+    assert "resuming: 3 of 4 shards already done" in result.stderr
+    after = {m: (tmp_path / "run" / "ingest" / "_shards" / m).stat().st_mtime_ns for m in markers}
+    assert after == before  # finished shards were not redone
+    assert len(rows_of(tmp_path / "run")) == 31

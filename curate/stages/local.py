@@ -39,6 +39,16 @@ class TableCaptions(Strict):
     def _absolute(cls, value: str) -> str:
         return storage.absolute(value)
 
+    def check(self) -> list[tuple[tuple[Any, ...], str]]:
+        if not storage.exists(self.table):
+            return [(("captions", "table"), f"no such file: {self.table}")]
+        columns = _table_columns(self.table)
+        return [
+            (("captions", field), f"no column {name!r} in {self.table} (columns: {', '.join(columns)})")
+            for field, name in (("file_column", self.file_column), ("caption_column", self.caption_column))
+            if name not in columns
+        ]
+
 
 class LocalConfig(StageConfig):
     kind: Literal["local"]
@@ -73,8 +83,8 @@ class LocalConfig(StageConfig):
         problems = []
         if not storage.is_dir(root):
             problems.append((("path",), f"no such folder: {root}"))
-        if isinstance(self.captions, TableCaptions) and not storage.exists(self.captions.table):
-            problems.append((("captions", "table"), f"no such file: {self.captions.table}"))
+        if isinstance(self.captions, TableCaptions):
+            problems += self.captions.check()
         return problems
 
 
@@ -101,17 +111,26 @@ def plan(config: LocalConfig, upstream: StageDir | None) -> list[ShardTask]:
     return [ShardTask(i, tuple(files[start : start + size])) for i, start in enumerate(range(0, len(files), size))]
 
 
-@functools.lru_cache(maxsize=4)
-def _caption_table(uri: str, file_column: str, caption_column: str) -> dict[str, str]:
-    """Loaded once per worker process and reused across the shards it processes."""
+def _read_table(uri: str) -> pa.Table:
     if uri.lower().endswith(".csv"):
         import pyarrow.csv as pacsv
 
         fs, path = storage.resolve(uri)
         with fs.open_input_stream(path) as f:
-            table = pacsv.read_csv(f)
-    else:
-        table = storage.read_parquet(uri, columns=[file_column, caption_column])
+            return pacsv.read_csv(f)
+    return storage.read_parquet(uri)
+
+
+def _table_columns(uri: str) -> list[str]:
+    if uri.lower().endswith(".csv"):
+        return _read_table(uri).column_names
+    return storage.parquet_file(uri).schema_arrow.names
+
+
+@functools.lru_cache(maxsize=4)
+def _caption_table(uri: str, file_column: str, caption_column: str) -> dict[str, str]:
+    """Loaded once per worker process and reused across the shards it processes."""
+    table = _read_table(uri)
     files = table[file_column].to_pylist()
     captions = table[caption_column].to_pylist()
     return {str(f): c for f, c in zip(files, captions, strict=True) if c is not None}
