@@ -89,6 +89,10 @@ class StageConfig(Strict):
     model_roles: ClassVar[tuple[str, ...]] = ()
     is_source: ClassVar[bool] = False
     input: str | None = None  # upstream stage name; default: the stage before this one
+    # Earlier stages whose shard i is read beside upstream shard i and joined on `key` (shards keep 1:1
+    # lineage), e.g. an encode stage reading images from `ingest`, keep flags from `dedup` and
+    # synthetic captions from `caption`.
+    join: tuple[str, ...] = ()
 
     @property
     def stage_name(self) -> str:
@@ -119,6 +123,11 @@ class Pipeline:
             if stage.stage_name == name:
                 return stage
         raise KeyError(name)
+
+    def dependencies(self, stage: StageConfig) -> list[StageConfig]:
+        """Every stage this one reads: its upstream, then the joined stages."""
+        upstream = self.upstream(stage)
+        return ([upstream] if upstream else []) + [self.stage(name) for name in stage.join]
 
     def upstream(self, stage: StageConfig) -> StageConfig | None:
         if stage.is_source:
@@ -369,6 +378,16 @@ def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source
             elif stage.input is None and not seen:
                 problems.append(
                     f"{source.where(path)}: {format_path(path)}: a {stage.kind} stage needs an earlier stage to read"
+                )
+        if stage.is_source and stage.join:
+            where = (*path, "join")
+            problems.append(f"{source.where(where)}: {format_path(where)}: a source stage joins no other stage")
+        for j, joined in enumerate(() if stage.is_source else stage.join):
+            if joined not in seen:
+                where = (*path, "join", j)
+                problems.append(
+                    f"{source.where(where)}: {format_path(where)}: no earlier stage named {joined!r} to join "
+                    f"(earlier: {', '.join(seen) or 'none'})"
                 )
         for role in stage.model_roles:
             if role not in models:

@@ -196,7 +196,8 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     failures: dict[int, str] = {}
     started = time.monotonic()
     if pending:
-        context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models))
+        joined = {j: run.stage(j).uri for j in stage.join}
+        context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
         job = StageJob(stage.kind, stage, context)
         for result in _map_shards(spec, job, pending).iter_rows():
             if result["ok"]:
@@ -235,12 +236,12 @@ def select_stages(pipeline: Pipeline, only: list[str] | None, run: RunDir) -> li
     selected = [s for s in pipeline.stages if not only or s.stage_name in only]
     chosen = {s.stage_name for s in selected}
     for stage in selected:
-        upstream = pipeline.upstream(stage)
-        if upstream and upstream.stage_name not in chosen and not run.stage(upstream.stage_name).is_complete():
-            raise RunError(
-                f"stage {stage.stage_name!r} reads stage {upstream.stage_name!r}, which is neither complete in "
-                f"{run.uri} nor selected; add it to --stages"
-            )
+        for needed in pipeline.dependencies(stage):
+            if needed.stage_name not in chosen and not run.stage(needed.stage_name).is_complete():
+                raise RunError(
+                    f"stage {stage.stage_name!r} reads stage {needed.stage_name!r}, which is neither complete in "
+                    f"{run.uri} nor selected; add it to --stages"
+                )
     return selected
 
 

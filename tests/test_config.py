@@ -197,3 +197,13 @@ def test_caption_table_columns_are_checked(tmp_path, sample_images):
     text += f"    captions: {{table: {tmp_path / 'captions.parquet'}, caption_column: caption}}\n"
     (problem,) = problems(tmp_path, text)
     assert "stages[0].captions.caption_column: no column 'caption'" in problem and "columns: file, text" in problem
+
+
+def test_join_must_name_an_earlier_stage(tmp_path, sample_images, needs_vae_kind):
+    text = GOOD.format(out=tmp_path / "run", images=sample_images)
+    text += "  - {kind: needs_vae, join: [local, later]}\nmodels: {vae: {id: a/b}}\n"
+    (problem,) = problems(tmp_path, text)
+    assert "stages[1].join[1]: no earlier stage named 'later' to join (earlier: local)" in problem
+    source_join = GOOD.format(out=tmp_path / "run", images=sample_images) + "    join: [local]\n"
+    (problem,) = problems(tmp_path, source_join)
+    assert "stages[0].join: a source stage joins no other stage" in problem

@@ -20,6 +20,15 @@ class WorkContext:
     stage_name: str
     upstream_uri: str | None
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    joined_uris: dict[str, str] = field(default_factory=dict)  # joined stage name -> its folder
+
+    def upstream_shard(self, index: int) -> str:
+        assert self.upstream_uri is not None, "a source stage has no upstream"
+        return StageDir(self.upstream_uri).shard(index)
+
+    def joined_shard(self, name: str, index: int) -> str:
+        """Shard ``index`` of a joined stage: the same samples as upstream shard ``index``."""
+        return StageDir(self.joined_uris[name]).shard(index)
 
 
 @dataclass(frozen=True)
