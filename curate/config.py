@@ -308,7 +308,7 @@ def _resolve_models(
 
 
 def _local_model_exists(spec: ModelSpec) -> bool:
-    if spec.path is None or (storage.has_scheme(spec.path) and not spec.path.startswith("file://")):
+    if spec.path is None or not storage.is_local(spec.path):
         return True  # hub ids and remote URLs are checked when loaded, on the machine that loads them
     return storage.exists(spec.path)
 

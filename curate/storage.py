@@ -27,6 +27,11 @@ def has_scheme(uri: str) -> bool:
     return "://" in uri
 
 
+def is_local(uri: str) -> bool:
+    """A path on this machine (plain or file://): cheap to check before any work, unlike object stores."""
+    return not has_scheme(uri) or uri.lower().startswith("file://")
+
+
 def absolute(uri: str) -> str:
     """Local paths become absolute (relative to the working directory); URIs stay as they are."""
     return uri if has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))

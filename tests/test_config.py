@@ -207,3 +207,11 @@ def test_join_must_name_an_earlier_stage(tmp_path, sample_images, needs_vae_kind
     source_join = GOOD.format(out=tmp_path / "run", images=sample_images) + "    join: [local]\n"
     (problem,) = problems(tmp_path, source_join)
     assert "stages[0].join: a source stage joins no other stage" in problem
+
+
+def test_remote_inputs_are_not_contacted_by_check(tmp_path):
+    """`curate check` runs where the cluster's storage may be unreachable; remote inputs are checked at plan time."""
+    pipeline = load_pipeline(
+        write(tmp_path, "name: t\noutput: s3://bucket/run\nstages:\n  - {kind: local, path: s3://bucket/images}\n")
+    )
+    assert pipeline.stages[0].path == "s3://bucket/images"

@@ -40,6 +40,8 @@ class TableCaptions(Strict):
         return storage.absolute(value)
 
     def check(self) -> list[tuple[tuple[Any, ...], str]]:
+        if not storage.is_local(self.table):
+            return []
         if not storage.exists(self.table):
             return [(("captions", "table"), f"no such file: {self.table}")]
         columns = _table_columns(self.table)
@@ -79,9 +81,10 @@ class LocalConfig(StageConfig):
         return self.path, None
 
     def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Local inputs must exist; remote ones (s3://, gs://) are checked where the stage plans, on the cluster."""
         root, _ = self.root_and_pattern()
         problems = []
-        if not storage.is_dir(root):
+        if storage.is_local(root) and not storage.is_dir(root):
             problems.append((("path",), f"no such folder: {root}"))
         if isinstance(self.captions, TableCaptions):
             problems += self.captions.check()
