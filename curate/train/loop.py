@@ -1,0 +1,232 @@
+"""The training loop: AdamW on the rectified-flow loss, EMA, gradient clipping, checkpoints, exact resume.
+
+All randomness of a step (caption choice, encoder dropout, timesteps, noise) comes from one CPU
+generator whose state is checkpointed, and the data source reports its position, so a resumed run
+produces the same losses as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import Field, PositiveInt
+
+from curate.config import ModelSpec, Strict
+from curate.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from curate.train.conditioning import TextEmbeddings, drop_encoders, join_sd3, mix_captions
+from curate.train.ema import make_ema, update_ema
+from curate.train.flow import (
+    TimestepSampling,
+    flow_target,
+    noisy_latents,
+    resolution_shift,
+    sample_timesteps,
+    shift_timesteps,
+)
+from curate.train.model import build_mmdit, load_transformer
+
+SD3_SCALING_FACTOR = 1.5305
+SD3_SHIFT_FACTOR = 0.0609
+
+
+class TrainConfig(Strict):
+    output: str
+    depth: PositiveInt = 2  # MMDiT depth: hidden 64*depth, depth heads, depth blocks
+    pretrained: ModelSpec | None = None  # fine-tune this SD3 transformer instead of a fresh MMDiT
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 8
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    timestep_sampling: TimestepSampling = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    shift: float | Literal["auto"] = "auto"  # "auto": sqrt(pixels / 256^2); SD3 used 3.0 at 1024^2
+    encoder_dropout: float = Field(0.464, ge=0, le=1)  # per text encoder, independently (SD3: 46.4%)
+    synthetic_ratio: float = Field(0.5, ge=0, le=1)  # share of samples trained on the synthetic caption
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 on GPUs that support it
+    seed: int = 0
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100
+    device: str = "auto"
+
+
+@dataclass
+class TrainBatch:
+    """One bucket's worth of training samples: raw VAE latent means and both captions' embeddings."""
+
+    latent: torch.Tensor  # [B, 16, h, w], as the VAE encoder's mean (not yet shifted and scaled)
+    original: TextEmbeddings
+    synthetic: TextEmbeddings | None = None
+    has_synthetic: torch.Tensor | None = None  # [B] bool
+
+
+class BatchSource(Protocol):
+    """What the loop reads from: an endless iterator of batches with a resumable position."""
+
+    scaling_factor: float
+    shift_factor: float
+
+    def __iter__(self) -> Iterator[TrainBatch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class MemoryBatches:
+    """Batches already in memory, cycled: the reference the shard reader is benchmarked against."""
+
+    def __init__(
+        self,
+        batches: list[TrainBatch],
+        scaling_factor: float = SD3_SCALING_FACTOR,
+        shift_factor: float = SD3_SHIFT_FACTOR,
+    ):
+        self.batches = batches
+        self.position = 0
+        self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        while True:
+            batch = self.batches[self.position % len(self.batches)]
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.mixed_precision == "no":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return supported if config.mixed_precision == "auto" else True
+
+
+def flow_loss(
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    config: TrainConfig,
+    generator: torch.Generator,
+    scaling_factor: float,
+    shift_factor: float,
+    device: torch.device,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """The rectified-flow loss of one batch, with SD3's caption mixing, encoder dropout and timestep density."""
+    x0 = (batch.latent.to(device, torch.float32) - shift_factor) * scaling_factor
+    size = x0.shape[0]
+    text, _ = mix_captions(batch.original, batch.synthetic, batch.has_synthetic, config.synthetic_ratio, generator)
+    text, _ = drop_encoders(text, config.encoder_dropout, generator)
+    prompt_embeds, pooled = join_sd3(text.to(device, torch.float32))
+    t = sample_timesteps(
+        size, generator, config.timestep_sampling, config.logit_mean, config.logit_std, config.mode_scale
+    )
+    shift = config.shift if config.shift != "auto" else resolution_shift(x0.shape[-2] * 8, x0.shape[-1] * 8)
+    t = shift_timesteps(t, shift).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        prediction = model(
+            hidden_states=noisy_latents(x0, noise, t),
+            timestep=t * 1000,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+    return torch.nn.functional.mse_loss(prediction.float(), flow_target(x0, noise))
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # one per step, from step 0 (a resumed run includes the earlier steps)
+    checkpoint: Path | None
+    steps_per_second: float
+
+
+def train(
+    config: TrainConfig,
+    data: BatchSource,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume) to ``config.steps``; ``stop_after`` ends early after that step, as an interruption would."""
+    device = pick_device(config.device)
+    bf16 = use_bf16(config, device)
+    if config.pretrained is not None:
+        model = load_transformer(config.pretrained)
+    else:
+        model = build_mmdit(config.depth, seed=config.seed)
+    model.to(device).train()
+    ema = make_ema(model)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    step, losses = 0, []
+    previous = latest_checkpoint(output)
+    if previous is not None:
+        saved = load_checkpoint(previous, model, ema, optimizer, generator)
+        step, losses = saved.step, list(saved.losses)
+        data.load_state_dict(saved.data_state)
+        log(f"[train] resuming from {previous.name} at step {step}")
+
+    batches = iter(data)
+    checkpoint = previous
+    started, first_step = time.perf_counter(), step
+    with open(output / "log.jsonl", "a") as log_file:
+        while step < config.steps:
+            lr = (
+                config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
+                if config.warmup_steps
+                else config.learning_rate
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = flow_loss(
+                model, next(batches), config, generator, data.scaling_factor, data.shift_factor, device, bf16
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            update_ema(ema, model, config.ema_decay)
+            step += 1
+            losses.append(float(loss.item()))
+            log_file.write(
+                json.dumps({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm)}) + "\n"
+            )
+            if step % config.log_every == 0 or step == config.steps:
+                log_file.flush()
+                rate = (step - first_step) / (time.perf_counter() - started)
+                log(f"[train] step {step}/{config.steps}  loss {losses[-1]:.4f}  {rate:.2f} steps/s")
+            stopping = stop_after is not None and step >= stop_after
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                checkpoint = save_checkpoint(output, step, model, ema, optimizer, generator, data.state_dict(), losses)
+            if stopping:
+                break
+    elapsed = time.perf_counter() - started
+    return TrainResult(losses, checkpoint, (step - first_step) / elapsed if elapsed > 0 else 0.0)
