@@ -35,8 +35,9 @@ SD3_SCALING_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
 
 
-class TrainConfig(Strict):
-    output: str
+class TrainSettings(Strict):
+    """How to train; shared by `curate train` and the `validate` stage."""
+
     depth: PositiveInt = 2  # MMDiT depth: hidden 64*depth, depth heads, depth blocks
     pretrained: ModelSpec | None = None  # fine-tune this SD3 transformer instead of a fresh MMDiT
     steps: PositiveInt = 200
@@ -59,6 +60,14 @@ class TrainConfig(Strict):
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 100
     device: str = "auto"
+
+
+class TrainConfig(TrainSettings):
+    """`curate train CONFIG`: settings plus where the shards are and where checkpoints go."""
+
+    output: str  # a local folder: checkpoints, log.jsonl
+    shards: str | None = None  # an encode stage folder (RUN/encode) or a shard file
+    num_workers: int = Field(0, ge=0)  # DataLoader workers reading the shards
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""The encode stage's shards as the training loop's batch source: one bucket per batch, endless, resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from curate.train.conditioning import TextEmbeddings
+from curate.train.loop import TrainBatch
+
+CLIP_L_POOLED = 768  # the stored pooled vector is concat(CLIP-L 768, bigG 1280)
+
+
+def text_embeddings(batch: dict[str, Any], suffix: str = "") -> TextEmbeddings:
+    pooled = batch["pooled" + suffix]
+    return TextEmbeddings(
+        clip_l=batch["clip_l" + suffix],
+        clip_l_pooled=pooled[:, :CLIP_L_POOLED],
+        clip_g=batch["clip_g" + suffix],
+        clip_g_pooled=pooled[:, CLIP_L_POOLED:],
+        t5=batch.get("t5" + suffix),
+    )
+
+
+def to_train_batch(batch: dict[str, Any]) -> TrainBatch:
+    synthetic = text_embeddings(batch, "_synthetic") if "clip_l_synthetic" in batch else None
+    return TrainBatch(
+        latent=batch["latent"],
+        original=text_embeddings(batch),
+        synthetic=synthetic,
+        has_synthetic=batch.get("has_synthetic") if synthetic is not None else None,
+    )
+
+
+class ShardBatches:
+    """Cycles over the shards epoch after epoch; its state is the reader's (epoch, position, seed)."""
+
+    def __init__(
+        self,
+        source: str | list[str],
+        batch_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        from curate.shards import ShardDataset, ShardLoader
+
+        self.dataset = ShardDataset(source, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.loader = ShardLoader(self.dataset, num_workers=num_workers)
+        self.scaling_factor = float(self.dataset.info.encode["scaling_factor"])
+        self.shift_factor = float(self.dataset.info.encode["shift_factor"])
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        while True:
+            served = 0
+            for batch in self.loader:
+                served += 1
+                yield to_train_batch(batch)
+            if served == 0:
+                raise ValueError("the training shards hold no samples to train on")
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.loader.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def first_batch(source: str | list[str], batch_size: int) -> TrainBatch:
+    """One batch, for sampling prompts from the shards and for shape checks."""
+    return next(iter(ShardBatches(source, batch_size, seed=0)))
