@@ -238,19 +238,12 @@ def _normalise(config: DownloadConfig, table: pa.Table, rows: inputs.RowRange) -
     return pa.table(columns)
 
 
-def row_keys(urls: list[str | None], sources: list[str], source_rows: list[int]) -> list[str]:
-    """make_key(url) for a URL's first row in the shard; its n-th repeat gets make_key(url + '#n'),
-    and a row without a URL make_key('#row:<source>:<row>'), so keys are unique within a shard."""
-    seen: dict[str, int] = {}
-    keys = []
-    for url, source, row in zip(urls, sources, source_rows, strict=True):
-        if url is None:
-            keys.append(make_key(f"#row:{source}:{row}"))
-            continue
-        n = seen.get(url, 0)
-        seen[url] = n + 1
-        keys.append(make_key(url) if n == 0 else make_key(f"{url}#{n}"))
-    return keys
+def row_keys(urls: list[str | None], first_row: int) -> list[str]:
+    """make_key("<url>#<n>"), n the row's index in the stage's input (all URL lists in plan order).
+
+    Unique across the whole stage even when a list repeats a URL (LAION does, with other captions),
+    so global stages (dedup) can use it as an id; stable as long as the lists and their order are."""
+    return [make_key(f"{url or ''}#{first_row + i}") for i, url in enumerate(urls)]
 
 
 def _image_format(data: bytes | None) -> str | None:
@@ -276,7 +269,7 @@ def process(config: DownloadConfig, task: ShardTask, context: WorkContext, state
 
     n = len(results)
     image_columns = {
-        "key": pa.array(row_keys(urls, table["source"].to_pylist(), table["source_row"].to_pylist()), pa.string()),
+        "key": pa.array(row_keys(urls, task.index * config.shard_size), pa.string()),
         "url": table["url"],
         "caption": table["caption"],
         "image": pa.array([r.image for r in results], pa.binary()),
