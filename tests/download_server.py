@@ -4,6 +4,7 @@ on 127.0.0.x and logs every request it receives (so a test can prove an address 
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
@@ -15,15 +16,21 @@ import numpy as np
 from PIL import Image
 
 
-def image_bytes(width: int, height: int, fmt: str = "JPEG", seed: int = 0, **save: object) -> bytes:
-    """A smooth, photo-like test image (a scikit-image photo when available, else a gradient)."""
+@functools.lru_cache(maxsize=1)
+def _base() -> Image.Image:
+    """A photo (scikit-image's astronaut) when available, else smooth noise; loaded once."""
     try:
         from skimage import data
 
-        base = Image.fromarray(data.astronaut())
+        return Image.fromarray(data.astronaut())
     except Exception:
-        rng = np.random.default_rng(seed)
-        base = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((512, 512))
+        rng = np.random.default_rng(0)
+        return Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((512, 512))
+
+
+def image_bytes(width: int, height: int, fmt: str = "JPEG", seed: int = 0, **save: object) -> bytes:
+    """A photo-like test image of the given size: a seed-dependent crop of the base photo."""
+    base = _base()
     rng = np.random.default_rng(seed)
     left, top = int(rng.integers(0, 128)), int(rng.integers(0, 128))
     image = base.crop((left, top, left + 384, top + 384)).resize((width, height))

@@ -72,12 +72,29 @@ def servers():
             "/redirect-home": Route(b"", 301, headers={"Location": good.url("/photo.jpg")}),
             "/redirect-file": Route(b"", 302, headers={"Location": "file:///etc/hostname"}),
             "/tiny.jpg": Route(image_bytes(12, 12, seed=6)),
+            "/rotated.jpg": Route(_rotated_jpeg()),
+            "/cmyk.jpg": Route(_jpeg(Image.new("CMYK", (90, 70), (0, 200, 200, 0)))),
             "/thin.png": Route(image_bytes(400, 20, "PNG", seed=7), content_type="image/png"),
         }
     )
     yield good, decoy
     good.close()
     decoy.close()
+
+
+def _rotated_jpeg() -> bytes:
+    """Stored 120x80 with EXIF orientation 6 (rotate 90°): the image is 80 wide, 120 high."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(120, 80, seed=8))).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 def _png(image: Image.Image) -> bytes:
@@ -119,6 +136,8 @@ def expected_cases(good, decoy) -> list[tuple[str | None, str]]:
         (None, "bad_url"),
         (good.url("/photo.jpg"), "ok"),
         (f"http://localhost:{good.port}/photo.jpg", "ok"),
+        (good.url("/rotated.jpg"), "ok"),
+        (good.url("/cmyk.jpg"), "ok"),
     ]
 
 
@@ -205,9 +224,19 @@ def test_ok_rows_are_resized_images(first_run):
         assert image.size == (64, 64) and image.format == "JPEG" and row["format"] == "JPEG"
         assert (row["width"], row["height"]) == (64, 64)
         assert row["original_width"] and row["sha256"] and len(row["sha256"]) == 64
-    photo = table.filter(pa.compute.equal(table["source_row"], 0)).to_pylist()[0]
-    assert (photo["original_width"], photo["original_height"]) == (320, 240)
-    assert photo["caption"] == "caption 0"
+    rows: dict[str, dict] = {}
+    for row in table.to_pylist():
+        if row["url"]:
+            rows.setdefault(row["url"].rsplit("/", 1)[-1], row)  # the first of the repeated photo rows
+    assert (rows["photo.jpg"]["original_width"], rows["photo.jpg"]["original_height"]) == (320, 240)
+    assert rows["photo.jpg"]["caption"] == "caption 0"
+    assert (rows["rotated.jpg"]["original_width"], rows["rotated.jpg"]["original_height"]) == (80, 120)
+    assert (rows["cmyk.jpg"]["original_width"], rows["cmyk.jpg"]["original_height"]) == (90, 70)
+    # border mode pads an upright 80x120 image left and right: the top-middle pixel is photo, the corners white
+    rotated = Image.open(io.BytesIO(rows["rotated.jpg"]["image"])).convert("RGB")
+    assert min(rotated.getpixel((0, 32))) > 240 and min(rotated.getpixel((32, 2))) < 240
+    cmyk = Image.open(io.BytesIO(rows["cmyk.jpg"]["image"])).convert("RGB").getpixel((32, 32))
+    assert cmyk[0] > 150 and cmyk[1] < 100 and cmyk[2] < 100  # cyan 0, magenta/yellow 200 -> red-ish
 
 
 def test_columns_and_schema(first_run):

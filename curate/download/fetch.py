@@ -75,44 +75,66 @@ def _failure(status: str, message: str) -> tuple[None, None, None, None, None, s
 
 class CheckedResizer:
     """img2dataset's Resizer behind curate.images' decode: one decode by Pillow decides what the pixels
-    are; img2dataset's Resizer gets them losslessly (BMP) and does the geometry and encoding.
+    are (and refuses images over max_pixels, truncated or undecodable ones); img2dataset's Resizer gets
+    those pixels losslessly (BMP) and does the geometry and encoding.
 
-    With ``skip_reencode``, JPEG/WebP images that need no conversion are given to the Resizer as they
-    came, so it can keep their bytes when no resize is needed."""
+    min_image_size and max_aspect_ratio are checked here, on the true (EXIF-oriented) size, with
+    img2dataset's rules and messages, so that a JPEG that will be downscaled can be decoded at a
+    reduced DCT scale (never below the size the resize needs). With ``skip_reencode``, JPEG/WebP images
+    that need no conversion are given to the Resizer as they came, so it can keep their bytes."""
 
-    def __init__(self, inner: Any, max_pixels: int, skip_reencode: bool):
+    def __init__(self, inner: Any, settings: FetchSettings):
         self.inner = inner
-        self.max_pixels = max_pixels
-        self.skip_reencode = skip_reencode
+        self.settings = settings
 
     def __call__(self, img_stream: io.BytesIO, blurring_bbox_list=None):
         from PIL import Image
 
+        s = self.settings
         data = img_stream.getvalue()
         try:
             header = Image.open(io.BytesIO(data))
+            width, height = header.size
         except Image.UnidentifiedImageError:
             return _failure("not_an_image", f"not a recognised image format ({len(data)} bytes)")
         except Exception as e:
             return _failure("decode_error", f"{type(e).__name__}: {e}")
+        orientation = _orientation(header)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        keep_bytes = s.skip_reencode and orientation in (0, 1) and header.format in ("JPEG", "WEBP")
         try:
-            decoded = open_image(data, self.max_pixels)
+            decoded = open_image(data, s.max_pixels, None if keep_bytes else self.reduction(width, height))
         except ImageError as e:
             return _failure(e.status, e.message)
-        feed = data
-        if not (self.skip_reencode and self._as_is(header, decoded)):
+        if min(width, height) < s.min_image_size:
+            return None, None, None, None, None, "image too small"
+        if max(width, height) / min(width, height) > s.max_aspect_ratio:
+            return None, None, None, None, None, "aspect ratio too large"
+        if keep_bytes and decoded.mode == "RGB":
+            feed = data
+        else:
             buffer = io.BytesIO()
             decoded.image.save(buffer, format="BMP")
             feed = buffer.getvalue()
-        return self.inner(io.BytesIO(feed), blurring_bbox_list)
+        image, out_width, out_height, _, _, error = self.inner(io.BytesIO(feed), blurring_bbox_list)
+        return image, out_width, out_height, width, height, error
 
-    @staticmethod
-    def _as_is(header: Any, decoded: Any) -> bool:
-        try:
-            orientation = header.getexif().get(_ORIENTATION, 1)
-        except Exception:
-            return False
-        return decoded.format in ("JPEG", "WEBP") and decoded.mode == "RGB" and orientation in (0, 1)
+    def reduction(self, width: int, height: int) -> float | None:
+        """The scale the resize will bring the image to, if it shrinks it (for a reduced JPEG decode)."""
+        s = self.settings
+        if s.resize_mode == "no":
+            return None
+        side = min(width, height) if s.resize_mode in ("keep_ratio", "center_crop") else max(width, height)
+        scale = s.image_size / side
+        return scale if scale < 1 else None
+
+
+def _orientation(header: Any) -> int:
+    try:
+        return int(header.getexif().get(_ORIENTATION, 1))
+    except Exception:
+        return 1
 
 
 def _collector(results: dict[int, tuple[bytes | None, dict[str, Any]]]) -> type:
@@ -167,11 +189,8 @@ def fetch(urls: Sequence[str], settings: FetchSettings) -> tuple[list[Result], d
             encode_quality=settings.encode_quality,
             encode_format=settings.encode_format,
             skip_reencode=settings.skip_reencode,
-            min_image_size=settings.min_image_size,
-            max_aspect_ratio=settings.max_aspect_ratio,
         ),
-        settings.max_pixels,
-        settings.skip_reencode,
+        settings,
     )
     collected: dict[int, tuple[bytes | None, dict[str, Any]]] = {}
     counter = net.ByteCounter()
