@@ -118,21 +118,36 @@ class Server:
     log: RequestLog
     httpd: ThreadingHTTPServer
 
+    scheme: str = "http"
+
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
 
 
-def serve(host: str, routes: dict[str, Route], log: RequestLog | None = None, port: int = 0) -> Server:
-    """Start a threading HTTP server on ``host`` (a 127.0.0.x address only) in a daemon thread."""
+def serve(
+    host: str,
+    routes: dict[str, Route],
+    log: RequestLog | None = None,
+    port: int = 0,
+    tls: tuple[str, str] | None = None,
+) -> Server:
+    """Start a threading HTTP server on ``host`` (a 127.0.0.x address only) in a daemon thread;
+    with ``tls`` (certificate file, key file) it speaks HTTPS."""
     assert host.startswith("127."), "tests only ever bind loopback addresses"
     log = log or RequestLog()
     httpd = _Server((host, port), _handler(routes, log, host))
+    if tls is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return Server(host, httpd.server_address[1], routes, log, httpd)
+    return Server(host, httpd.server_address[1], routes, log, httpd, "https" if tls else "http")
 
 
 def add_route(server: Server, path: str, make: Callable[[], Route]) -> str:

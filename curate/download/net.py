@@ -249,36 +249,33 @@ def _make_connector(limits: Limits, host_for_errors: str):
     return create_connection
 
 
-class _SafeHTTPConnection(http.client.HTTPConnection):
+class _GuardedConnection:
+    """Mixed into HTTPConnection / HTTPSConnection: our connector, and responses read through the guard."""
+
     def __init__(self, host: str, *args, limits: Limits, **kwargs):
-        super().__init__(host, *args, **kwargs)
+        super().__init__(host, *args, **kwargs)  # type: ignore[call-arg]
         self._create_connection = _make_connector(limits, host)
         self._limits = limits
-        self._deadline = current_deadline()
+        self._deadline = current_deadline()  # the URL's: the body is read after urlopen returned
 
-    def getresponse(self):  # the response reads through the guard
-        real = self.sock
+    def getresponse(self):
+        real = self.sock  # type: ignore[has-type]
         limits = self._limits
-        self.sock = _GuardedSocket(real, self.timeout_value(), self._deadline, limits.max_bytes, limits.counter)
+        op_timeout = None if self.timeout is socket._GLOBAL_DEFAULT_TIMEOUT else self.timeout  # type: ignore
+        self.sock = _GuardedSocket(real, op_timeout, self._deadline, limits.max_bytes, limits.counter)
         try:
-            return super().getresponse()
+            return super().getresponse()  # type: ignore[misc]
         finally:
             if self.sock is not None:
                 self.sock = real
 
-    def timeout_value(self) -> float | None:
-        return None if self.timeout is socket._GLOBAL_DEFAULT_TIMEOUT else self.timeout  # type: ignore[attr-defined]
+
+class _SafeHTTPConnection(_GuardedConnection, http.client.HTTPConnection):
+    pass
 
 
-class _SafeHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, *args, limits: Limits, **kwargs):
-        super().__init__(host, *args, **kwargs)
-        self._create_connection = _make_connector(limits, host)
-        self._limits = limits
-        self._deadline = current_deadline()
-
-    getresponse = _SafeHTTPConnection.getresponse
-    timeout_value = _SafeHTTPConnection.timeout_value
+class _SafeHTTPSConnection(_GuardedConnection, http.client.HTTPSConnection):
+    pass
 
 
 class SafeHTTPHandler(urllib.request.HTTPHandler):
