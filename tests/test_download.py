@@ -426,3 +426,29 @@ def test_https_goes_through_the_same_guards(tmp_path, monkeypatch, servers):
         assert decoy.log.paths() == []
     finally:
         tls.close()
+
+
+def test_plan_cuts_lists_into_exact_row_ranges(tmp_path):
+    from curate.download import inputs
+    from curate.stages.download import DownloadConfig, plan, task_rows
+
+    shards = inputs.pack([("a", 5), ("b#1", 2), ("c", 0), ("d", 9)], 4)
+    assert [[r.encode() for r in shard] for shard in shards] == [
+        ["a#0:4"],
+        ["a#4:5", "b#1#0:2", "d#0:1"],
+        ["d#1:5"],
+        ["d#5:9"],
+    ]
+    assert inputs.RowRange.decode("s3://bucket/x#y.parquet#3:9") == inputs.RowRange("s3://bucket/x#y.parquet", 3, 9)
+
+    # a caption with a newline inside quotes is one row, counted and read the same way
+    (tmp_path / "list.csv").write_text('url,caption\nhttp://a/1.jpg,"two\nlines"\nhttp://a/2.jpg,x\n')
+    write_url_list(tmp_path / "list.parquet", [(f"http://a/{i}.jpg", "ok") for i in range(5)])
+    config = DownloadConfig(kind="download", urls=[str(tmp_path / "list.*")], url_column="url", shard_size=3)
+    with pytest.raises(ValueError, match="url"):  # the Parquet list has URL, not url
+        plan(config, None)
+    config = DownloadConfig(kind="download", urls=[str(tmp_path / "list.csv")], url_column="url", shard_size=3)
+    (task,) = plan(config, None)
+    assert task.inputs == (f"{tmp_path / 'list.csv'}#0:2",) and task_rows(task) == 2
+    table = inputs.read_rows(str(tmp_path / "list.csv"), "csv", 0, 2)
+    assert table["caption"].to_pylist() == ["two\nlines", "x"]

@@ -132,6 +132,12 @@ class DownloadConfig(StageConfig):
     def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
         """Local files only (exist, format known, columns present); remote URIs are checked when planning."""
         problems: list[tuple[tuple[Any, ...], str]] = []
+        import importlib.util
+
+        needed = ["img2dataset"] + (["protego"] if self.respect_robots_txt else [])
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            problems.append(((), f"needs {', '.join(missing)}: pip install 'curate[download]'"))
         for i, entry in enumerate(self.urls):
             if storage.has_scheme(entry) and not entry.startswith("file://"):
                 continue
@@ -256,6 +262,8 @@ def _image_format(data: bytes | None) -> str | None:
 
 
 def process(config: DownloadConfig, task: ShardTask, context: WorkContext, state: Any) -> ShardOutput:
+    import img2dataset.downloader  # noqa: F401  (imported once per worker, outside the shard's timing)
+
     started = time.perf_counter()
     table = _read_task(config, task)
     urls: list[str | None] = table["url"].to_pylist()
