@@ -9,6 +9,7 @@ docs/schema.md the columns and statuses.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any, ClassVar, Literal
 
@@ -109,8 +110,6 @@ class DownloadConfig(StageConfig):
     def fingerprint(self) -> str:
         """thread_count only changes speed, so a run may be resumed with another value."""
         data = self.model_dump(exclude={"resources", "name", "thread_count"}, mode="json")
-        import json
-
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def needed_columns(self) -> list[str]:
