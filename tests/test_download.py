@@ -452,3 +452,23 @@ def test_plan_cuts_lists_into_exact_row_ranges(tmp_path):
     assert task.inputs == (f"{tmp_path / 'list.csv'}#0:2",) and task_rows(task) == 2
     table = inputs.read_rows(str(tmp_path / "list.csv"), "csv", 0, 2)
     assert table["caption"].to_pylist() == ["two\nlines", "x"]
+
+
+def test_slow_robots_txt_does_not_eat_the_url_budget(servers):
+    """robots.txt is fetched once per host while the URLs wait; their own deadline starts after it."""
+    from curate.download.fetch import fetch
+    from curate.stages.download import DownloadConfig
+
+    jpg = image_bytes(100, 80, seed=10)
+    routes = {
+        "/robots.txt": Route(b"User-agent: *\nAllow: /\n", content_type="text/plain", delay=TIMEOUT * 0.6),
+        **{f"/{i}.jpg": Route(jpg, delay=TIMEOUT * 0.6) for i in range(4)},
+    }
+    slow = serve("127.0.0.1", routes)
+    try:
+        config = DownloadConfig(kind="download", urls=["x"], timeout=TIMEOUT, allow_private_addresses=["127.0.0.1"])
+        results, _ = fetch([slow.url(f"/{i}.jpg") for i in range(4)], config.fetch_settings())
+        assert [r.status for r in results] == ["ok"] * 4, [r.error for r in results]
+        assert slow.log.paths().count("/robots.txt") == 1
+    finally:
+        slow.close()

@@ -112,6 +112,13 @@ def deadline_scope(seconds: float, fresh: bool = False) -> Iterator[float]:
         _local.deadline = outer
 
 
+def extend_deadline(seconds: float) -> None:
+    """Give the current URL back time it spent waiting on something that is not its own response
+    (its host's robots.txt, fetched once and shared by every thread)."""
+    if current_deadline() is not None:
+        _local.deadline += seconds
+
+
 def _remaining(op_timeout: float | None, deadline: float | None) -> float:
     if deadline is None:
         return op_timeout if op_timeout is not None else 60.0

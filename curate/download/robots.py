@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from curate.download.net import GuardError, RobotsDisallowed, deadline_scope
+from curate.download.net import GuardError, RobotsDisallowed, deadline_scope, extend_deadline
 
 ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 asks crawlers to parse at least 500 KiB
 RULES_TTL = 24 * 3600.0  # RFC 9309: do not use a cached robots.txt for more than 24 hours
@@ -126,7 +126,9 @@ class RobotsHandler(urllib.request.BaseHandler):
         parts = urllib.parse.urlsplit(url)
         robots_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/robots.txt", "", ""))
         key = (parts.scheme, parts.netloc.lower(), self.cache_key)
+        waited = time.monotonic()
         outcome = self.cache.get(key, lambda: _fetch(self.parent, robots_url, self.timeout, self.user_agent))
+        extend_deadline(time.monotonic() - waited)  # robots.txt has its own budget, not the URL's
         verdict = outcome.verdict(url, self.token)
         if verdict == "disallowed":
             raise RobotsDisallowed(f"{robots_url} disallows {parts.path or '/'} for {self.token}")
