@@ -482,3 +482,14 @@ def test_slow_robots_txt_does_not_eat_the_url_budget(servers):
         assert slow.log.paths().count("/robots.txt") == 1
     finally:
         slow.close()
+
+
+def test_lists_that_disagree_on_an_extra_column_type_share_a_shard(tmp_path):
+    from curate.stages.download import DownloadConfig, _read_task, plan
+
+    pq.write_table(pa.table({"url": ["http://a/1"], "uid": pa.array([7], pa.int64())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://a/2"], "uid": ["x8"]}), tmp_path / "b.parquet")
+    config = DownloadConfig(kind="download", urls=[str(tmp_path / "*.parquet")], caption_column=None)
+    (task,) = plan(config, None)
+    table = _read_task(config, task)
+    assert table["uid"].to_pylist() == ["7", "x8"] and table["source_row"].to_pylist() == [0, 0]

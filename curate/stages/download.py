@@ -219,7 +219,28 @@ def _read_task(config: DownloadConfig, task: ShardTask) -> pa.Table:
         if table.num_rows != rows.rows:
             raise ValueError(f"{rows.uri} has {table.num_rows} rows in {rows.start}:{rows.end}; was it changed?")
         parts.append(_normalise(config, table, rows))
-    return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        # lists whose extra columns disagree on a type (an id as int here, as text there): keep them as text
+        return pa.concat_tables([_extras_as_text(p) for p in parts], promote_options="permissive")
+
+
+def _extras_as_text(table: pa.Table) -> pa.Table:
+    columns = {}
+    for name in table.column_names:
+        column = table[name]
+        if name in ("url", "caption", "source", "source_row") or pa.types.is_string(column.type):
+            columns[name] = column
+            continue
+        try:
+            columns[name] = pc.cast(column, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = column.to_pylist()
+            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
+    return pa.table(columns)
 
 
 def _normalise(config: DownloadConfig, table: pa.Table, rows: inputs.RowRange) -> pa.Table:
