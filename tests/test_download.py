@@ -277,6 +277,7 @@ def test_statistics_in_markers_and_inspect(first_run):
     assert success["status"]["ok"] == ok and success["extra"]["urls"] == len(first_run["cases"])
     text = format_run(str(output), sample=1)
     assert f"{ok} of {len(first_run['cases'])} URLs ok" in text and "images/s per worker" in text
+    assert "images/s overall" in text
     assert "timeout 2" in text and "blocked_address 2" in text
 
 

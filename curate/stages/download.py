@@ -285,6 +285,7 @@ def process(config: DownloadConfig, task: ShardTask, context: WorkContext, state
     import img2dataset.downloader  # noqa: F401  (imported once per worker, outside the shard's timing)
 
     started = time.perf_counter()
+    started_at = time.time()
     table = _read_task(config, task)
     urls: list[str | None] = table["url"].to_pylist()
     usable = [i for i, u in enumerate(urls) if u is not None and u.strip()]
@@ -330,6 +331,7 @@ def process(config: DownloadConfig, task: ShardTask, context: WorkContext, state
             "images_per_second": round(ok / seconds, 2) if seconds > 0 else None,
             "urls_per_second": round(n / seconds, 2) if seconds > 0 else None,
         },
+        "span": {"started_at": round(started_at, 3), "finished_at": round(time.time(), 3)},  # epoch seconds
     }
     return ShardOutput(out, extra)
 
