@@ -96,6 +96,7 @@ def run_plain(url_list: Path, output: Path, args: argparse.Namespace) -> tuple[i
         pq.read_table(p, columns=["status"])["status"].to_pylist().count("success") for p in output.glob("*.parquet")
     )
     shard_seconds = sum(json.loads(p.read_text())["duration"] for p in output.glob("*_stats.json"))
+    print(f"  plain: shard seconds {shard_seconds:.1f}", flush=True)
     return ok, seconds, shard_seconds
 
 
@@ -127,7 +128,48 @@ def run_ours(url_list: Path, output: Path, args: argparse.Namespace) -> tuple[in
     records = run_pipeline(pipeline, output=str(output), log=lambda line: None)
     seconds = time.perf_counter() - started
     record = records["download"]
+    print(
+        f"  ours: {record['shards']} shards, worker seconds {record['worker_seconds']:.1f}, "
+        f"of which download_seconds {record['extra']['download_seconds']:.1f}",
+        flush=True,
+    )
     return record["status"].get("ok", 0), seconds, record["worker_seconds"]
+
+
+def cpu_per_image(port: int, count: int, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """In this process, one shard of ``count`` URLs through plain img2dataset's Downloader + Resizer and
+    through our fetch (same thread pool size): CPU ms per image is what other jobs' load distorts least."""
+    import pyarrow as pa
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+
+    from curate.download.fetch import _collector, fetch
+    from curate.stages.download import DownloadConfig
+
+    urls = [f"http://127.0.0.1:{port}/{i:05d}.jpg" for i in range(count)]
+
+    def plain() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            shard = os.path.join(folder, "urls.arrow")
+            table = pa.table({"url": urls})
+            with pa.OSFile(shard, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            resizer = Resizer(args.image_size, "border", False, encode_quality=95, encode_format="jpg")
+            Downloader(
+                _collector({}), resizer, args.threads, False, False, folder, ["url"], 10, count, 5, "sha256", None,
+                "jpg", 0, None, None,
+            ).download_shard((0, shard))  # fmt: skip
+
+    config = DownloadConfig(
+        kind="download", urls=["-"], image_size=args.image_size, thread_count=args.threads,
+        allow_private_addresses=["127.0.0.1"],
+    )  # fmt: skip
+    rows = []
+    for name, run in (("plain", plain), ("ours", lambda: fetch(urls, config.fetch_settings()))) * args.rounds:
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        rows.append((name, (time.process_time() - cpu) / count * 1000, count / (time.perf_counter() - wall)))
+    return rows
 
 
 def main() -> None:
@@ -166,6 +208,7 @@ def main() -> None:
                 ours = run_ours(url_list, tmp_path / f"ours-{r}", args)
                 rows.append((r, *plain, *ours))
             ray.shutdown()
+            engine = cpu_per_image(port, min(600, args.images), args)
         finally:
             server.terminate()
             server.wait()
@@ -196,6 +239,15 @@ def main() -> None:
         f"{'all':>5} {p_ok:>9.0f} {o_ok:>8.0f} {pw:>11.1f} {ow:>10.1f} {ow / pw:>6.2f} "
         f"{ps:>12.1f} {os_:>11.1f} {os_ / ps:>6.2f}"
     )
+
+    print()
+    print(f"in one process, one shard of {min(600, args.images)} URLs, {args.threads} threads (alternating):")
+    print(f"{'':>5} {'CPU ms/image':>13} {'images/s':>9}")
+    for name, cpu_ms, rate in engine:
+        print(f"{name:>5} {cpu_ms:>13.2f} {rate:>9.1f}")
+    plain_cpu = sum(c for n, c, _ in engine if n == "plain") / sum(1 for n, *_ in engine if n == "plain")
+    ours_cpu = sum(c for n, c, _ in engine if n == "ours") / sum(1 for n, *_ in engine if n == "ours")
+    print(f"ratio (plain CPU per image / ours): {plain_cpu / ours_cpu:.2f}")
 
 
 if __name__ == "__main__":
