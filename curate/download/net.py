@@ -221,7 +221,9 @@ class Limits:
     counter: ByteCounter
 
 
-def _make_connector(limits: Limits, host_for_errors: str):
+def _make_connector(limits: Limits):
+    """socket.create_connection with the address policy applied to every resolved address."""
+
     def create_connection(address, timeout=None, source_address=None, **_):
         host, port = address
         timeout = None if timeout is socket._GLOBAL_DEFAULT_TIMEOUT else timeout  # type: ignore[attr-defined]
@@ -261,7 +263,7 @@ class _GuardedConnection:
 
     def __init__(self, host: str, *args, limits: Limits, **kwargs):
         super().__init__(host, *args, **kwargs)  # type: ignore[call-arg]
-        self._create_connection = _make_connector(limits, host)
+        self._create_connection = _make_connector(limits)
         self._limits = limits
         self._deadline = current_deadline()  # the URL's: the body is read after urlopen returned
 
