@@ -22,6 +22,8 @@ def _resources(stage) -> str:
 
 
 def _state(run: RunDir, name: str) -> str:
+    if storage.has_scheme(run.uri) and not run.uri.lower().startswith("file://"):
+        return "not checked (remote run folder; `curate run` reads its state, `curate inspect` shows it)"
     stage = run.stage(name)
     if stage.is_complete():
         return "complete (will be skipped)"

@@ -120,6 +120,35 @@ def _stage_table(summaries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _span_seconds(run_uri: str, name: str) -> float | None:
+    """First shard start to last shard end, from the markers' `span` (download stages)."""
+    spans = [s.extra.get("span") for s in RunDir(run_uri).stage(name).shard_stats()]
+    spans = [s for s in spans if isinstance(s, dict) and "started_at" in s and "finished_at" in s]
+    if not spans:
+        return None
+    return max(s["finished_at"] for s in spans) - min(s["started_at"] for s in spans)
+
+
+def download_lines(summary: dict[str, Any], span_seconds: float | None = None) -> list[str]:
+    """Download statistics from the shard markers' counters (stages whose markers carry `urls`)."""
+    extra = summary.get("extra") or {}
+    urls = extra.get("urls")
+    if not urls:
+        return []
+    ok = extra.get("ok", 0)
+    seconds = extra.get("download_seconds", 0) or 0
+    rate = f"{ok / seconds:,.1f} images/s per worker" if seconds else "- images/s"
+    if span_seconds:
+        rate += f", {ok / span_seconds:,.1f} images/s overall (first shard start to last shard end)"
+    errors = sorted(((k, v) for k, v in summary["status"].items() if k != "ok"), key=lambda kv: -kv[1])
+    return [
+        f"  {summary['stage']}: {ok:,} of {urls:,} URLs ok ({100 * ok / urls:.1f}%), {rate}, "
+        f"{extra.get('bytes_received', 0) / 1e6:,.1f} MB received over {extra.get('connections', 0):,} connections, "
+        f"robots.txt fetched {extra.get('robots_fetches', 0):,} times",
+        "    errors by reason: " + (", ".join(f"{k} {v:,}" for k, v in errors) or "none"),
+    ]
+
+
 def _sample_lines(run_uri: str, name: str, sample: int) -> list[str]:
     shard = first_shard(run_uri, name)
     if shard is None:
@@ -138,6 +167,9 @@ def format_run(run_uri: str, sample: int = 3, only: str | None = None) -> str:
     if not summaries:
         return lines[0] + "\n  (no stages found)"
     lines += _stage_table(summaries)
+    for s in summaries:
+        if (s.get("extra") or {}).get("urls"):
+            lines += download_lines(s, _span_seconds(run_uri, s["stage"]))
     for s in summaries:
         lines += _sample_lines(run_uri, s["stage"], sample)
     return "\n".join(lines)

@@ -122,9 +122,10 @@ def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
 
 
 def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
-    """Rows each shard should have: one per input file for sources, the upstream shard's rows otherwise."""
+    """Rows each shard should have: the source's count (default one per input), the upstream shard's rows otherwise."""
     if upstream is None:
-        return {t.index: len(t.inputs) for t in tasks}
+        count = STAGES[stage.kind].task_rows or (lambda task: len(task.inputs))
+        return {t.index: count(t) for t in tasks}
     rows = {s.shard: s.rows for s in upstream.shard_stats()}
     return {t.index: rows.get(t.index, 0) for t in tasks}
 

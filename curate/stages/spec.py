@@ -52,6 +52,8 @@ class StageSpec:
     # (config, context) -> state loaded once per worker (a model); None makes it a plain task stage
     setup: Callable[[Any, WorkContext], Any] | None = None
     describe_inputs: Callable[[Any], str] = lambda config: ""
+    # task -> rows it will produce, for sources whose inputs are not one row each (row ranges); progress only
+    task_rows: Callable[[ShardTask], int] | None = None
 
 
 def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:
