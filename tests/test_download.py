@@ -29,19 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 3.0  # generous: other jobs share these 2 cores, and a good image must never time out
 
 
-@pytest.fixture(scope="session")
-def ray_session_download():
-    """Same as main's `ray_cluster` fixture (tests/conftest.py); named apart until the lead merges them."""
-    import ray
-
-    from curate.cluster import quiet_ray_data
-
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
-    quiet_ray_data()
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def servers():
     """The allowed server (127.0.0.1) with every case, and a decoy (127.0.0.2) that only logs."""
@@ -186,7 +173,7 @@ def run(text: str, output: Path) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def first_run(servers, ray_session_download, tmp_path_factory):
+def first_run(servers, ray_cluster, tmp_path_factory):
     good, decoy = servers
     folder = tmp_path_factory.mktemp("download")
     cases = expected_cases(good, decoy)
@@ -310,7 +297,7 @@ def test_interrupted_download_resumes_to_the_same_result(first_run, servers, tmp
     assert again["key"].to_pylist() == table["key"].to_pylist()
 
 
-def test_csv_and_jsonl_lists_with_datacomp_columns(servers, ray_session_download, tmp_path):
+def test_csv_and_jsonl_lists_with_datacomp_columns(servers, ray_cluster, tmp_path):
     good, _ = servers
     photo, png = good.url("/photo.jpg"), good.url("/wide.png")
     (tmp_path / "a.csv").write_text(f'url,text,uid\n{photo},"a, quoted caption",u1\n{good.url("/missing.jpg")},b,u2\n')
