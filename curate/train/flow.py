@@ -7,11 +7,10 @@ default, SD3 Sec. 3.1), then shifted towards noise for larger images (SD3 Sec. 5
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
-TimestepSampling = Literal["logit_normal", "mode", "uniform"]
+from curate.train.settings import TimestepSampling
 
 
 def sample_timesteps(

@@ -8,6 +8,7 @@ real SD3 transformer and the sampler's output is comparable with StableDiffusion
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,11 @@ def load_transformer(spec: ModelSpec) -> SD3Transformer2DModel:
     source = spec.id if spec.id is not None else spec.path
     subfolder = spec.subfolder if spec.subfolder is not None else ("transformer" if spec.id else None)
     return SD3Transformer2DModel.from_pretrained(source, subfolder=subfolder, revision=spec.revision)
+
+
+def load_trained(checkpoint: Path, ema: bool = True) -> SD3Transformer2DModel:
+    """A transformer from one of our checkpoints (its EMA weights by default), ready to sample."""
+    return SD3Transformer2DModel.from_pretrained(str(checkpoint / ("transformer_ema" if ema else "transformer"))).eval()
 
 
 def count_parameters(model: torch.nn.Module) -> int:
