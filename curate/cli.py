@@ -1,4 +1,4 @@
-"""The `curate` command: run, check, inspect, samples."""
+"""The `curate` command: run, check, inspect, samples, train, sample."""
 
 from __future__ import annotations
 
@@ -65,6 +65,37 @@ def _samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from curate.train.commands import train_command
+
+    return train_command(args.config, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _size(value: str) -> tuple[int, int]:
+    width, _, height = value.partition("x")
+    return int(height or width), int(width)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from curate.train.commands import sample_command
+
+    paths = sample_command(
+        args.checkpoint,
+        args.prompt,
+        args.negative_prompt,
+        run=args.run,
+        output=args.out,
+        size=_size(args.size),
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+        seed=args.seed,
+        ema=not args.no_ema,
+    )
+    print("\n".join(paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--no-broken", action="store_true", help="leave out the three broken files")
     samples.add_argument("--no-duplicates", action="store_true", help="leave out the near-duplicate copies")
     samples.set_defaults(func=_samples)
+    train = sub.add_parser("train", help="train the reference MMDiT on training shards (resumes from its output)")
+    train.add_argument("config", help="trainer YAML: shards, output and training settings (see configs/train/)")
+    train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="sample images from a trainer checkpoint")
+    sample.add_argument("checkpoint", help="a checkpoint folder, e.g. OUT/checkpoints/step-000300")
+    sample.add_argument("--prompt", action="append", required=True, help="repeat for several images")
+    sample.add_argument("--negative-prompt", help="default: zero conditioning, the unconditional of training")
+    sample.add_argument("--run", required=True, help="the run whose text encoders and VAE to use")
+    sample.add_argument("--out", default="sample.png")
+    sample.add_argument("--size", default="256x256", help="WIDTHxHEIGHT, multiples of 16")
+    sample.add_argument("--steps", type=int, default=28)
+    sample.add_argument("--guidance", type=float, default=5.0)
+    sample.add_argument("--shift", type=float, default=3.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    sample.set_defaults(func=_sample)
     return parser
 
 

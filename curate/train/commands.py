@@ -1,0 +1,108 @@
+"""`curate train CONFIG` and `curate sample CHECKPOINT`: the trainer and sampler from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from curate.config import ConfigError, ModelSpec, _load_yaml, _pydantic_problems
+from curate.train.settings import TrainConfig
+
+
+def load_train_config(path: str) -> TrainConfig:
+    """A trainer YAML (TrainConfig's fields), validated with the pipeline's error messages."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(path, [f"{path}: no such trainer config"])
+    data, source = _load_yaml(file.read_text(), path)
+    try:
+        config = TrainConfig(**(data or {}))
+    except ValidationError as e:
+        raise ConfigError(path, _pydantic_problems(e, (), source, TrainConfig.model_fields)) from None
+    if config.shards is None:
+        raise ConfigError(path, [f"{source.where(())}: shards: required by `curate train` (an encode stage folder)"])
+    return config
+
+
+def train_command(path: str, log: Any = print) -> int:
+    from curate.train.data import ShardBatches
+    from curate.train.loop import train
+
+    config = load_train_config(path)
+    assert config.shards is not None
+    data = ShardBatches(config.shards, config.batch_size, seed=config.seed, num_workers=config.num_workers)
+    result = train(config, data, log=log)
+    log(f"[train] done: {len(result.losses)} steps, last loss {result.losses[-1]:.4f}, checkpoint {result.checkpoint}")
+    return 0
+
+
+def models_of_run(run: str) -> dict[str, ModelSpec]:
+    """The models a run was made with (from its saved, resolved pipeline.yaml)."""
+    from curate import storage
+    from curate.runfolder import RunDir
+
+    saved = yaml.safe_load(storage.read_text(RunDir(storage.absolute(run)).pipeline_uri)) or {}
+    return {role: ModelSpec(**spec) for role, spec in (saved.get("models") or {}).items()}
+
+
+def sample_command(
+    checkpoint: str,
+    prompts: list[str],
+    negative_prompt: str | None,
+    run: str,
+    output: str,
+    size: tuple[int, int] = (256, 256),
+    steps: int = 28,
+    guidance_scale: float = 5.0,
+    shift: float = 3.0,
+    seed: int = 0,
+    ema: bool = True,
+) -> list[str]:
+    """Encode prompts with the run's text encoders, sample the checkpoint, decode with the run's VAE."""
+    import torch
+
+    from curate.encode.models import encode_text, load_text_encoders, load_vae
+    from curate.train.conditioning import TextEmbeddings, join_sd3
+    from curate.train.loop import pick_device
+    from curate.train.model import load_trained
+    from curate.train.sample import decode, sample_latents
+
+    models = models_of_run(run)
+    device = pick_device("auto")
+    encoders = load_text_encoders(models, str(device))
+
+    def condition(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = encode_text(encoders, texts)
+        pooled = out.pooled.float()
+        t5 = None if out.t5 is None else out.t5.float()
+        return join_sd3(TextEmbeddings(out.clip_l.float(), pooled[:, :768], out.clip_g.float(), pooled[:, 768:], t5))
+
+    embeds, pooled = condition(prompts)
+    if negative_prompt is None:
+        negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative, negative_pooled = (t.expand(len(prompts), *t.shape[1:]) for t in condition([negative_prompt]))
+    model = load_trained(Path(checkpoint), ema=ema).to(device)
+    height, width = size
+    latents = sample_latents(
+        model,
+        *(t.to(device) for t in (embeds, pooled, negative, negative_pooled)),
+        height,
+        width,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        shift=shift,
+        seed=seed,
+    )
+    images = decode(load_vae(models["vae"], str(device)), latents)
+    out = Path(output)
+    paths = []
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        paths.append(str(path))
+    return paths
