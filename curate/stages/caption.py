@@ -231,7 +231,7 @@ def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captio
         torch.manual_seed(config.seed + task.index)
 
     wait = generate_seconds = 0.0
-    batches = retried = 0
+    batches = retried = fed = 0
     with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="caption-decode") as pool:
         stream = prepared_batches(captioner, config, todo, batch_size, pool)
         while True:
@@ -247,12 +247,14 @@ def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captio
             outcomes = run_batch(captioner, nxt)
             generate_seconds += time.perf_counter() - t1
             batches += 1
+            fed += len(nxt.items)
             retried += nxt.failed is not None or any(o.status != "ok" for o in outcomes)
             for item, outcome in zip(nxt.items, outcomes, strict=True):
                 rows[item.row].update(_caption_row(config, outcome))
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
     generated = [r for r in rows if r.get("tokens_generated") is not None]
     extra = {
+        "fed_to_model": fed,
         "captioned": sum(1 for r in rows if r.get("status") == "ok"),
         "tokens_generated": sum(r["tokens_generated"] for r in generated),
         "truncated": sum(1 for r in generated if r.get("truncated")),

@@ -72,12 +72,15 @@ def build_tiny_qwen2_vl(
     layers: int = 2,
     max_pixels: int = 28 * 28 * 16,
     initializer_range: float = 0.5,
+    eos_scale: float = 2.0,
     seed: int = 0,
 ) -> Path:
     """Save a random-weight Qwen2-VL (model + processor + chat template) into ``folder``; returns it.
 
     ``initializer_range`` is large so greedy decoding of random weights has clear winners: small
-    floating-point differences (batched vs single, left padding) must not flip a token.
+    floating-point differences (batched vs single, left padding) must not flip a token. The end-of-
+    sequence row of the output layer is scaled by ``eos_scale`` so that some captions end early and
+    others run to max_new_tokens: batches then hold sequences of different lengths, as real ones do.
     """
     import torch
     from transformers import (
@@ -131,6 +134,8 @@ def build_tiny_qwen2_vl(
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[ids["<|im_end|>"]] *= eos_scale
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.do_sample = False
