@@ -8,6 +8,7 @@ chat template and image placeholder use; the image processor is Qwen2-VL's own w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 # Qwen2-VL's chat template, without the video/system-prompt branches the captioner never uses.
@@ -66,13 +67,44 @@ def build_tokenizer(vocab_size: int = 400):
     )
 
 
+@dataclass(frozen=True)
+class Qwen2VLSize:
+    """Dimensions of a Qwen2-VL; TINY for tests, QWEN2_VL_2B the real 2B layout (for GPU benchmarks)."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    layers: int = 2
+    heads: int = 2
+    kv_heads: int = 1
+    vocab_size: int | None = None  # None: the tokenizer's; larger pads the embedding like real checkpoints
+    vision_depth: int = 1
+    vision_embed_dim: int = 32
+    vision_heads: int = 2
+    vision_mlp_ratio: int = 2
+
+
+TINY = Qwen2VLSize()
+QWEN2_VL_2B = Qwen2VLSize(
+    hidden_size=1536,
+    intermediate_size=8960,
+    layers=28,
+    heads=12,
+    kv_heads=2,
+    vocab_size=151936,
+    vision_depth=32,
+    vision_embed_dim=1280,
+    vision_heads=16,
+    vision_mlp_ratio=4,
+)
+
+
 def build_tiny_qwen2_vl(
     folder: str | Path,
-    hidden_size: int = 32,
-    layers: int = 2,
+    size: Qwen2VLSize = TINY,
     max_pixels: int = 28 * 28 * 16,
     initializer_range: float = 0.5,
     eos_scale: float = 2.0,
+    dtype: str = "float32",
     seed: int = 0,
 ) -> Path:
     """Save a random-weight Qwen2-VL (model + processor + chat template) into ``folder``; returns it.
@@ -94,34 +126,33 @@ def build_tiny_qwen2_vl(
     folder = Path(folder)
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    heads = 2
-    head_dim = hidden_size // heads
-    quarter = head_dim // 2 // 4
+    half = size.hidden_size // size.heads // 2  # rotary frequencies per head
+    quarter = 3 * half // 8  # Qwen2-VL splits them (temporal, height, width) = (16, 24, 24) of 64
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 2048,
+            "vocab_size": max(size.vocab_size or 0, len(tokenizer)),
+            "hidden_size": size.hidden_size,
+            "intermediate_size": size.intermediate_size,
+            "num_hidden_layers": size.layers,
+            "num_attention_heads": size.heads,
+            "num_key_value_heads": size.kv_heads,
+            "max_position_embeddings": 32768,
             "initializer_range": initializer_range,
             "rope_parameters": {
                 "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+                "rope_theta": 1000000.0,
+                "mrope_section": [half - 2 * quarter, quarter, quarter],
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": hidden_size,
-            "num_heads": 2,
-            "mlp_ratio": 2,
+            "depth": size.vision_depth,
+            "embed_dim": size.vision_embed_dim,
+            "hidden_size": size.hidden_size,
+            "num_heads": size.vision_heads,
+            "mlp_ratio": size.vision_mlp_ratio,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -147,6 +178,12 @@ def build_tiny_qwen2_vl(
         chat_template=CHAT_TEMPLATE,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+if __name__ == "__main__":  # python -m curate.testing.tiny_vlm DIR: the offline demo's captioner
+    import sys
+
+    print(build_tiny_qwen2_vl(sys.argv[1] if len(sys.argv) > 1 else "demo-data/models/tiny-qwen2-vl"))
