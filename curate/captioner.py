@@ -166,10 +166,12 @@ class Captioner:
                 if v.is_floating_point():
                     v = v.to(dtype)
             moved[k] = v
-        prompt_length = moved["input_ids"].shape[1]
+        # decoder-only models return prompt + new tokens; encoder-decoders (Florence-2) the decoder start
+        # token + new tokens
+        start = 1 if getattr(self.model.config, "is_encoder_decoder", False) else moved["input_ids"].shape[1]
         with torch.inference_mode():
             out = self.model.generate(**moved, generation_config=self.generation_config)
-        new = out[:, prompt_length:].cpu().tolist()
+        new = out[:, start:].cpu().tolist()
         results = []
         for ids in new:
             end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
