@@ -45,14 +45,13 @@ class LoadOptions:
 @dataclass(frozen=True)
 class Generated:
     text: str  # decoded new tokens, special tokens skipped, not cleaned
-    tokens: int  # new tokens up to (not including) the end-of-sequence token
+    tokens: int | None  # new tokens up to (not including) the end-of-sequence token; None: not reported
     truncated: bool  # stopped by max_new_tokens rather than an end-of-sequence token
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """torch.OutOfMemoryError (CUDA), or another backend's out-of-memory RuntimeError (MPS, XPU)."""
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
 
 
 def _torch_dtype(name: str | None, device: str):
@@ -132,22 +131,25 @@ class Captioner:
         return config
 
     def _text_prompt(self) -> str:
+        return self.render_prompt(self.options.prompt, self.options.system_prompt)
+
+    def render_prompt(self, prompt: str, system_prompt: str | None = None) -> str:
         """The prompt text for one image: the chat template applied when the model has one, else as given
         (then it must contain the model's image token or task token where the model expects it)."""
         template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
-            return self.options.prompt
+            return prompt
         messages: list[dict[str, Any]] = []
-        if self.options.system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": self.options.system_prompt}]})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.options.prompt}]})
+        if system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def prepare(self, images: list[Image.Image]) -> Any:
+    def prepare(self, images: list[Image.Image], text_prompt: str | None = None) -> Any:
         """Model inputs for a batch, on CPU (pinned when going to a GPU)."""
         inputs = self.processor(
             images=[[image] for image in images],
-            text=[self.text_prompt] * len(images),
+            text=[text_prompt or self.text_prompt] * len(images),
             padding=True,
             return_tensors="pt",
         )
@@ -155,8 +157,13 @@ class Captioner:
             inputs = {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in inputs.items()}
         return inputs
 
-    def generate(self, inputs: Any) -> list[Generated]:
+    def generate(self, inputs: Any, max_new_tokens: int | None = None) -> list[Generated]:
         import torch
+
+        config = self.generation_config
+        if max_new_tokens is not None and max_new_tokens != config.max_new_tokens:
+            config = copy.deepcopy(config)
+            config.max_new_tokens = max_new_tokens
 
         dtype = self.model.dtype
         moved = {}
@@ -170,13 +177,13 @@ class Captioner:
         # token + new tokens
         start = 1 if getattr(self.model.config, "is_encoder_decoder", False) else moved["input_ids"].shape[1]
         with torch.inference_mode():
-            out = self.model.generate(**moved, generation_config=self.generation_config)
+            out = self.model.generate(**moved, generation_config=config)
         new = out[:, start:].cpu().tolist()
         results = []
         for ids in new:
             end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
             kept = ids if end is None else ids[:end]
             text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            truncated = end is None and len(ids) >= self.options.max_new_tokens
+            truncated = end is None and len(ids) >= config.max_new_tokens
             results.append(Generated(text, len(kept), truncated))
         return results

@@ -24,6 +24,7 @@ from curate.schema import parquet_options
 from curate.stages import STAGES
 from curate.stages.caption import CAPTION_SCHEMA
 from curate.stages.spec import WorkContext
+from curate.testing.openai_server import CompletionServer
 from curate.testing.tiny_vlm import build_tiny_qwen2_vl
 
 MAX_NEW_TOKENS = 10
@@ -192,10 +193,11 @@ def odd_images(tmp_path_factory, sample_images) -> Path:
     return folder
 
 
-def caption_run(tmp_path: Path, images: Path, model: Path, batch_size: int, extra: str = "") -> dict[str, dict]:
-    pipeline = parse_pipeline(
-        pipeline_text(tmp_path / f"b{batch_size}", images, model, batch_size=batch_size, extra=extra)
-    )
+def caption_run(
+    tmp_path: Path, images: Path, model: Path, batch_size: int, extra: str = "", name: str | None = None
+) -> dict[str, dict]:
+    out = tmp_path / (name or f"b{batch_size}")
+    pipeline = parse_pipeline(pipeline_text(out, images, model, batch_size=batch_size, extra=extra))
     run_stage_here(pipeline, "ingest")
     run_stage_here(pipeline, "caption")
     table = read_stage(pipeline.output, "caption")
@@ -236,8 +238,50 @@ def test_decode_limit_and_uncleaned_text(odd_images, tiny_vlm, tmp_path):
     assert ok and all(r["caption_synthetic"] == r["caption_raw"] for r in ok)
 
 
+def test_openai_backend_against_a_server_on_localhost(odd_images, tiny_vlm, tmp_path):
+    """The HTTP backend against a real OpenAI-compatible server (on 127.0.0.1, serving the same tiny model):
+    same captions as the in-process backend, 503s retried, the processor's 400 becomes that row's status."""
+    reference = caption_run(tmp_path, odd_images, tiny_vlm, batch_size=4)
+    with CompletionServer(str(tiny_vlm), unavailable_first=2) as server:
+        endpoint = (
+            f"    backend: openai\n    endpoint: {{base_url: '{server.base_url}', model: tiny-vlm, image_format: png,"
+            " max_concurrency: 3, retries: 4, backoff_s: 0.05}\n"
+        )
+        rows = caption_run(tmp_path, odd_images, tiny_vlm, batch_size=4, extra=endpoint, name="http")
+    assert rows.keys() == reference.keys()
+    for key, row in rows.items():
+        expected = reference[key]
+        if expected["status"] == "caption_error":  # the sliver: refused by the server's processor
+            assert row["status"] == "http_error" and "HTTP 400" in row["error"] and "aspect ratio" in row["error"]
+            continue
+        assert row["captioner"] == f"tiny-vlm via {server.base_url}"
+        for column in ("status", "caption_synthetic", "caption_raw", "tokens_generated", "truncated"):
+            assert row[column] == expected[column], (column, row, expected)
+    fed = sum(s["fed_to_model"] for s in markers(tmp_path / "http", "caption"))
+    assert server.requests == fed + 2  # every image once, plus the two answered 503 and retried
+
+
+def test_openai_backend_gives_up_with_a_status(odd_images, tiny_vlm, tmp_path):
+    """A server that stays unavailable: every row gets http_error after the retries; the shard completes."""
+    with CompletionServer(str(tiny_vlm), unavailable_first=10_000) as server:
+        endpoint = (
+            f"    backend: openai\n    endpoint: {{base_url: '{server.base_url}', model: tiny-vlm,"
+            " retries: 1, backoff_s: 0.01}\n"
+        )
+        rows = caption_run(tmp_path, odd_images, tiny_vlm, batch_size=8, extra=endpoint, name="down")
+    failed = [r for r in rows.values() if r["status"] == "http_error"]
+    assert failed and all("2 attempts failed" in r["error"] and "HTTP 503" in r["error"] for r in failed)
+    assert len(failed) + sum(r["status"] == NOT_OK_UPSTREAM for r in rows.values()) == len(rows)
+    assert server.requests == 2 * len(failed)
+
+
 # ----------------------------------------------------------------------------------------------------
 # units
+
+
+def test_openai_backend_needs_an_endpoint(tmp_path, sample_images, tiny_vlm):
+    with pytest.raises(ConfigError, match="backend openai needs an `endpoint`"):
+        parse_pipeline(pipeline_text(tmp_path, sample_images, tiny_vlm, extra="    backend: openai\n"))
 
 
 def test_keep_from_must_be_joined(tmp_path, sample_images, tiny_vlm):

@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 from PIL import Image
 from pydantic import Field, PositiveInt, model_validator
 
 from curate import storage
+from curate.caption_http import Endpoint, HttpCaptioner, HttpResult
 from curate.caption_text import clean_caption
 from curate.captioner import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
 from curate.config import StageConfig
@@ -48,8 +49,11 @@ CAPTION_SCHEMA = pa.schema(
 
 class CaptionConfig(StageConfig):
     kind: Literal["caption"]
-    model_roles: ClassVar[tuple[str, ...]] = ("captioner",)
 
+    # transformers: the pipeline's `captioner` model in each actor; openai: an OpenAI-compatible server
+    # (vLLM, SGLang) at `endpoint`, which holds the model
+    backend: Literal["transformers", "openai"] = "transformers"
+    endpoint: Endpoint | None = None
     prompt: str = DEFAULT_PROMPT
     system_prompt: str | None = None
     max_new_tokens: PositiveInt = 128
@@ -73,7 +77,15 @@ class CaptionConfig(StageConfig):
     @model_validator(mode="after")
     def _keep_source_is_joined(self) -> CaptionConfig:
         check_keep_from(self.keep_from, self.join)
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend openai needs an `endpoint` (base_url, model)")
+        if self.backend == "transformers" and self.endpoint is not None:
+            raise ValueError("`endpoint` is only used with backend: openai")
         return self
+
+    @property
+    def model_roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("captioner",) if self.backend == "transformers" else ()
 
     def generation(self) -> GenerationOptions:
         return GenerationOptions(
@@ -97,7 +109,10 @@ class CaptionConfig(StageConfig):
         )
 
 
-def setup(config: CaptionConfig, context: WorkContext) -> Captioner:
+def setup(config: CaptionConfig, context: WorkContext) -> Captioner | HttpCaptioner:
+    if config.backend == "openai":
+        assert config.endpoint is not None
+        return HttpCaptioner(config.endpoint, config.generation())
     return Captioner(context.models["captioner"], config.loading(), config.generation())
 
 
@@ -130,7 +145,7 @@ class Batch:
     failed: BaseException | None = None
 
 
-def _prepare(captioner: Captioner, items: list[Item]) -> Batch:
+def _prepare(captioner: Captioner | HttpCaptioner, items: list[Item]) -> Batch:
     try:
         return Batch(items, captioner.prepare([i.image for i in items]))
     except Exception as e:  # a processor error: retried by halves like a generation error
@@ -138,7 +153,7 @@ def _prepare(captioner: Captioner, items: list[Item]) -> Batch:
 
 
 def prepared_batches(
-    captioner: Captioner,
+    captioner: Captioner | HttpCaptioner,
     config: CaptionConfig,
     images: list[tuple[int, bytes]],
     batch_size: int,
@@ -181,12 +196,12 @@ class Outcome:
     error: str | None
 
 
-def run_batch(captioner: Captioner, batch: Batch) -> list[Outcome]:
+def run_batch(captioner: Captioner | HttpCaptioner, batch: Batch) -> list[Outcome]:
     """Generate for a prepared batch; on an exception retry by halves down to single images."""
     try:
         if batch.failed is not None:
             raise batch.failed
-        return [Outcome(g, "ok", None) for g in captioner.generate(batch.inputs)]
+        return [_outcome(result) for result in captioner.generate(batch.inputs)]
     except Exception as e:
         oom = is_out_of_memory(e)
         batch.inputs = None  # free the failed batch's tensors before retrying
@@ -201,6 +216,14 @@ def run_batch(captioner: Captioner, batch: Batch) -> list[Outcome]:
         ]
 
 
+def _outcome(result: Generated | HttpResult) -> Outcome:
+    if isinstance(result, HttpResult):  # the HTTP backend reports per-request failures itself
+        if result.error is not None:
+            return Outcome(None, result.error.status, str(result.error)[:2000])
+        result = result.generated
+    return Outcome(result, "ok", None)
+
+
 def _free_accelerator_memory() -> None:
     import torch
 
@@ -211,9 +234,9 @@ def _free_accelerator_memory() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner) -> ShardOutput:
-    import torch
-
+def process(
+    config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner | HttpCaptioner
+) -> ShardOutput:
     started = time.perf_counter()
     upstream = storage.read_parquet(context.upstream_shard(task.index), columns=["key", "image", "status"])
     selection = select_rows(upstream, keep_table_for(context, config.keep_from, task.index))
@@ -227,7 +250,9 @@ def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captio
     image_column = upstream["image"]
     todo = [(i, image_column[i].as_py()) for i in selection.process]
     batch_size = config.resources.batch_size or 8
-    if config.do_sample:
+    if config.do_sample and config.backend == "transformers":
+        import torch
+
         torch.manual_seed(config.seed + task.index)
 
     wait = generate_seconds = 0.0
@@ -252,11 +277,11 @@ def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captio
             for item, outcome in zip(nxt.items, outcomes, strict=True):
                 rows[item.row].update(_caption_row(config, outcome))
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
-    generated = [r for r in rows if r.get("tokens_generated") is not None]
+    generated = [r for r in rows if r.get("caption_raw") is not None]
     extra = {
         "fed_to_model": fed,
         "captioned": sum(1 for r in rows if r.get("status") == "ok"),
-        "tokens_generated": sum(r["tokens_generated"] for r in generated),
+        "tokens_generated": sum(r["tokens_generated"] or 0 for r in generated),
         "truncated": sum(1 for r in generated if r.get("truncated")),
         "batches": batches,
         "batches_retried": retried,
