@@ -50,8 +50,10 @@ class Generated:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), or another backend's out-of-memory RuntimeError (MPS, XPU)."""
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+    """torch.OutOfMemoryError (CUDA), another backend's out-of-memory RuntimeError (MPS, XPU), or the CPU
+    allocator's "not enough memory"."""
+    text = str(error).lower()
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "not enough memory" in text
 
 
 def _torch_dtype(name: str | None, device: str):

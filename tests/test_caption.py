@@ -238,6 +238,18 @@ def test_decode_limit_and_uncleaned_text(odd_images, tiny_vlm, tmp_path):
     assert ok and all(r["caption_synthetic"] == r["caption_raw"] for r in ok)
 
 
+def test_sampling_is_reproducible_with_its_seed(sample_images, tiny_vlm, tmp_path):
+    """do_sample with temperature/top_p: captions differ from greedy ones, and a re-run with the same
+    seed (and batch size) gives the same captions."""
+    sampling = "    do_sample: true\n    temperature: 1.5\n    top_p: 0.95\n    seed: 7\n"
+    first = caption_run(tmp_path, sample_images, tiny_vlm, batch_size=4, extra=sampling, name="s1")
+    again = caption_run(tmp_path, sample_images, tiny_vlm, batch_size=4, extra=sampling, name="s2")
+    greedy = caption_run(tmp_path, sample_images, tiny_vlm, batch_size=4, name="greedy")
+    ok = [k for k, r in first.items() if r["status"] == "ok"]
+    assert ok and all(first[k]["caption_raw"] == again[k]["caption_raw"] for k in ok)
+    assert sum(first[k]["caption_raw"] != greedy[k]["caption_raw"] for k in ok) > len(ok) // 2
+
+
 def test_openai_backend_against_a_server_on_localhost(odd_images, tiny_vlm, tmp_path):
     """The HTTP backend against a real OpenAI-compatible server (on 127.0.0.1, serving the same tiny model):
     same captions as the in-process backend, 503s retried, the processor's 400 becomes that row's status."""
@@ -331,4 +343,5 @@ def test_cleaning_steps_alone():
 def test_out_of_memory_is_recognised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB"))
     assert not is_out_of_memory(ValueError("absolute aspect ratio must be smaller than 200"))
