@@ -234,11 +234,28 @@ def _free_accelerator_memory() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def by_size(upstream: pa.Table, rows: list[int]) -> list[int]:
+    """Rows ordered by image area (then aspect), so a batch holds images with similar numbers of visual
+    tokens and little padding (Qwen2-VL and other dynamic-resolution models). Greedy captions do not
+    depend on batch composition, and output rows keep the shard's order."""
+    if "width" not in upstream.column_names or "height" not in upstream.column_names:
+        return rows
+    widths, heights = upstream["width"].to_pylist(), upstream["height"].to_pylist()
+
+    def size(i: int) -> tuple[int, float]:
+        w, h = widths[i] or 0, heights[i] or 0
+        return (w * h, w / h if h else 0.0)
+
+    return sorted(rows, key=size)
+
+
 def process(
     config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner | HttpCaptioner
 ) -> ShardOutput:
     started = time.perf_counter()
-    upstream = storage.read_parquet(context.upstream_shard(task.index), columns=["key", "image", "status"])
+    uri = context.upstream_shard(task.index)
+    sizes = [c for c in ("width", "height") if c in storage.parquet_file(uri).schema_arrow.names]
+    upstream = storage.read_parquet(uri, columns=["key", "image", "status", *sizes])
     selection = select_rows(upstream, keep_table_for(context, config.keep_from, task.index))
     keys = upstream["key"].to_pylist()
     rows: list[dict[str, Any]] = [
@@ -248,7 +265,7 @@ def process(
         for key, s in zip(keys, selection.skip, strict=True)
     ]
     image_column = upstream["image"]
-    todo = [(i, image_column[i].as_py()) for i in selection.process]
+    todo = [(i, image_column[i].as_py()) for i in by_size(upstream, selection.process)]
     batch_size = config.resources.batch_size or 8
     if config.do_sample and config.backend == "transformers":
         import torch
