@@ -75,13 +75,28 @@ def _resolve_class(dotted: str | None):
     return getattr(importlib.import_module(module or "transformers"), name)
 
 
-def describe_model(spec: ModelSpec, commit: str | None) -> str:
-    """`id@revision` (the hub commit when known) or the local path: what the `captioner` column records."""
+def describe_model(spec: ModelSpec, revision: str | None) -> str:
+    """`id@commit` (the revision as given when it could not be resolved) or the local path: what the
+    `captioner` column records."""
     where = spec.id if spec.id is not None else str(spec.path)
     if spec.subfolder:
         where += f"/{spec.subfolder}"
-    revision = spec.revision or commit
     return f"{where}@{revision}" if revision else where
+
+
+def pin_revision(spec: ModelSpec) -> str | None:
+    """The commit a hub id's revision points to now (None/branch names resolved once), so every actor and
+    both the processor and the model load the same files, and the `captioner` column names that commit.
+    Local folders, or no hub access: the revision as given."""
+    if spec.id is None:
+        return spec.revision
+    try:
+        from transformers.utils.hub import resolve_revision
+
+        resolved = resolve_revision(spec.id, spec.revision)
+    except Exception:
+        return spec.revision
+    return getattr(resolved, "resolved", None) or (str(resolved) if resolved is not None else None)
 
 
 class Captioner:
@@ -94,7 +109,8 @@ class Captioner:
         self.options = options
         self.device = load.device or ("cuda" if torch.cuda.is_available() else "cpu")
         source = spec.id if spec.id is not None else spec.path
-        common: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": load.trust_remote_code}
+        revision = pin_revision(spec)
+        common: dict[str, Any] = {"revision": revision, "trust_remote_code": load.trust_remote_code}
         if spec.subfolder:
             common["subfolder"] = spec.subfolder
         self.processor = AutoProcessor.from_pretrained(source, **common, **load.processor_kwargs)
@@ -107,7 +123,7 @@ class Captioner:
         if load.attn_implementation:
             model_kwargs["attn_implementation"] = load.attn_implementation
         self.model = _resolve_class(load.model_class).from_pretrained(source, **model_kwargs).to(self.device).eval()
-        self.name = describe_model(spec, getattr(self.model.config, "_commit_hash", None))
+        self.name = describe_model(spec, revision)
         self.generation_config = self._generation_config()
         eos = self.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
