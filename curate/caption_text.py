@@ -2,7 +2,8 @@
 
 Rules, in order (each is a plain function so they can be tested and reused):
 1. whitespace: control characters and U+FFFD dropped, runs of spaces/newlines become one space;
-2. wrappers: a leading `Caption:` label, Markdown emphasis/headers and surrounding quotes removed;
+2. wrappers: a chat preamble ("Sure! Here is a description of the image:"), a leading `Caption:` label,
+   Markdown emphasis/headers and surrounding quotes removed;
 3. stock openings ("The image shows", "In this picture, we can see", "This is an image of", ...)
    removed and the next letter capitalised;
 4. a last sentence cut off by `max_new_tokens` is dropped when at least one complete sentence precedes it.
@@ -26,6 +27,12 @@ _PREFIXES = [
     re.compile(rf"^(?:this|it) is an? {_SUBJECT} of\s*", re.I),
     re.compile(rf"^(?:the|this) {_SUBJECT} is (?=an? )", re.I),
 ]
+# chat-style preambles: "Sure! Here is a detailed description of the image:", "Certainly."
+_PREAMBLE = re.compile(
+    r"^(?:(?:sure|certainly|of course|okay|ok)[!,.]\s*)?"
+    r"(?:here(?:'s| is) (?:a |an |the |my )?(?:[\w-]+ )?(?:description|caption)\b[^:\n]*:\s*)?",
+    re.I,
+)
 _LABEL = re.compile(r"^(?:\*\*|#+\s*)?(?:caption|description)\s*:\s*(?:\*\*)?\s*", re.I)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
@@ -37,6 +44,9 @@ def normalize_whitespace(text: str) -> str:
 
 
 def strip_wrappers(text: str) -> str:
+    stripped = _PREAMBLE.sub("", text, count=1)
+    if stripped and stripped != text:
+        text = stripped[0].upper() + stripped[1:]
     text = _LABEL.sub("", text)
     text = re.sub(r"^#+\s*", "", text)
     text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)
