@@ -11,7 +11,7 @@ halves down to single images; a single image that still fails gets a status, and
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -128,13 +128,17 @@ class Item:
     error: str | None = None
 
 
-def decode(data: bytes, row: int, config: CaptionConfig) -> Item:
+def decode(fetch: Callable[[int], bytes], row: int, config: CaptionConfig) -> Item:
+    """Bytes of one row (fetched here, so a shard's images are not all copied out of Arrow at once) into
+    the size-capped RGB image the model sees; any failure becomes the row's status."""
     try:
-        image = open_image(data, config.max_pixels).image
+        image = open_image(fetch(row), config.max_pixels).image
+        if config.max_image_side and max(image.size) > config.max_image_side:
+            image.thumbnail((config.max_image_side, config.max_image_side), Image.Resampling.BICUBIC)
     except ImageError as e:
         return Item(row, status=e.status, error=e.message)
-    if config.max_image_side and max(image.size) > config.max_image_side:
-        image.thumbnail((config.max_image_side, config.max_image_side), Image.Resampling.BICUBIC)
+    except Exception as e:
+        return Item(row, status="decode_error", error=f"{type(e).__name__}: {e}"[:2000])
     return Item(row, image)
 
 
@@ -155,7 +159,8 @@ def _prepare(captioner: Captioner | HttpCaptioner, items: list[Item]) -> Batch:
 def prepared_batches(
     captioner: Captioner | HttpCaptioner,
     config: CaptionConfig,
-    images: list[tuple[int, bytes]],
+    rows: list[int],
+    fetch: Callable[[int], bytes],
     batch_size: int,
     pool: ThreadPoolExecutor,
 ) -> Iterator[Batch | Item]:
@@ -169,10 +174,9 @@ def prepared_batches(
     pending: Future[Batch] | None = None
     position = 0
     try:
-        while position < len(images) or decoded or pending is not None:
-            while position < len(images) and len(decoded) < ahead + batch_size:
-                row, data = images[position]
-                decoded.append(pool.submit(decode, data, row, config))
+        while position < len(rows) or decoded or pending is not None:
+            while position < len(rows) and len(decoded) < ahead + batch_size:
+                decoded.append(pool.submit(decode, fetch, rows[position], config))
                 position += 1
             items: list[Item] = []
             while decoded and len(items) < batch_size:
@@ -265,7 +269,7 @@ def process(
         for key, s in zip(keys, selection.skip, strict=True)
     ]
     image_column = upstream["image"]
-    todo = [(i, image_column[i].as_py()) for i in by_size(upstream, selection.process)]
+    todo = by_size(upstream, selection.process)
     batch_size = config.resources.batch_size or 8
     if config.do_sample and config.backend == "transformers":
         import torch
@@ -275,7 +279,7 @@ def process(
     wait = generate_seconds = 0.0
     batches = retried = fed = 0
     with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="caption-decode") as pool:
-        stream = prepared_batches(captioner, config, todo, batch_size, pool)
+        stream = prepared_batches(captioner, config, todo, lambda i: image_column[i].as_py(), batch_size, pool)
         while True:
             t0 = time.perf_counter()
             nxt = next(stream, None)
@@ -290,7 +294,7 @@ def process(
             generate_seconds += time.perf_counter() - t1
             batches += 1
             fed += len(nxt.items)
-            retried += nxt.failed is not None or any(o.status != "ok" for o in outcomes)
+            retried += nxt.failed is not None or any(o.status in ("caption_error", "oom") for o in outcomes)
             for item, outcome in zip(nxt.items, outcomes, strict=True):
                 rows[item.row].update(_caption_row(config, outcome))
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
