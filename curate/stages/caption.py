@@ -1,0 +1,347 @@
+"""`caption`: synthetic captions from a vision-language model, one row per image row, beside the originals.
+
+SD3 trained on 50% original and 50% synthetic (CogVLM) captions; this stage writes the synthetic ones.
+It reads an image shard (its `input`) and, with `keep_from`, the keep flags of a joined stage (dedup):
+only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). Inside an actor
+(the model loaded once by `setup`), images are decoded in a thread pool and each batch is preprocessed
+in a background thread while the model generates the previous one. A batch that raises is retried by
+halves down to single images; a single image that still fails gets a status, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field, PositiveInt, model_validator
+
+from curate import storage
+from curate.caption_http import Endpoint, HttpCaptioner, HttpResult
+from curate.caption_text import clean_caption
+from curate.captioner import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
+from curate.config import StageConfig
+from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from curate.keep import check_keep_from, keep_table_for, select_rows
+from curate.runfolder import ShardTask
+from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
+
+DEFAULT_PROMPT = "Describe this image in detail in one paragraph."
+
+CAPTION_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption_synthetic", pa.string()),
+        pa.field("caption_raw", pa.string()),
+        pa.field("captioner", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("tokens_generated", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+class CaptionConfig(StageConfig):
+    kind: Literal["caption"]
+
+    # transformers: the pipeline's `captioner` model in each actor; openai: an OpenAI-compatible server
+    # (vLLM, SGLang) at `endpoint`, which holds the model
+    backend: Literal["transformers", "openai"] = "transformers"
+    endpoint: Endpoint | None = None
+    prompt: str = DEFAULT_PROMPT
+    system_prompt: str | None = None
+    max_new_tokens: PositiveInt = 128
+    do_sample: bool = False  # greedy by default: reproducible, and batch results equal one-by-one results
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: PositiveInt | None = None
+    num_beams: PositiveInt = 1
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int = 0  # for sampling
+    attn_implementation: str | None = None  # "sdpa", "flash_attention_2", "eager"; default: transformers' choice
+    model_class: str | None = None  # e.g. transformers.LlavaForConditionalGeneration; default: the Auto class
+    trust_remote_code: bool = False
+    processor_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to AutoProcessor.from_pretrained
+    clean: bool = True  # clean the text (curate.caption_text); the raw text is kept in caption_raw either way
+    max_image_side: PositiveInt | None = 1024  # downscale larger images before the processor; None: as stored
+    max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # decode limit (curate.images)
+    decode_threads: PositiveInt = 4
+    keep_from: str | None = None  # a joined stage with `key` + `keep` (dedup): rows with keep=false are skipped
+
+    @model_validator(mode="after")
+    def _keep_source_is_joined(self) -> CaptionConfig:
+        check_keep_from(self.keep_from, self.join)
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend openai needs an `endpoint` (base_url, model)")
+        if self.backend == "transformers" and self.endpoint is not None:
+            raise ValueError("`endpoint` is only used with backend: openai")
+        return self
+
+    @property
+    def model_roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("captioner",) if self.backend == "transformers" else ()
+
+    def generation(self) -> GenerationOptions:
+        return GenerationOptions(
+            prompt=self.prompt,
+            system_prompt=self.system_prompt,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    def loading(self) -> LoadOptions:
+        return LoadOptions(
+            attn_implementation=self.attn_implementation,
+            model_class=self.model_class,
+            trust_remote_code=self.trust_remote_code,
+            processor_kwargs=dict(self.processor_kwargs),
+        )
+
+
+def setup(config: CaptionConfig, context: WorkContext) -> Captioner | HttpCaptioner:
+    if config.backend == "openai":
+        assert config.endpoint is not None
+        return HttpCaptioner(config.endpoint, config.generation())
+    return Captioner(context.models["captioner"], config.loading(), config.generation())
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoding and batching
+
+
+@dataclass
+class Item:
+    row: int  # index in the upstream shard
+    image: Image.Image | None = None
+    status: str | None = None  # set when the image could not be decoded here
+    error: str | None = None
+
+
+def decode(fetch: Callable[[int], bytes], row: int, config: CaptionConfig) -> Item:
+    """Bytes of one row (fetched here, so a shard's images are not all copied out of Arrow at once) into
+    the size-capped RGB image the model sees; any failure becomes the row's status."""
+    try:
+        image = open_image(fetch(row), config.max_pixels).image
+        if config.max_image_side and max(image.size) > config.max_image_side:
+            image.thumbnail((config.max_image_side, config.max_image_side), Image.Resampling.BICUBIC)
+    except ImageError as e:
+        return Item(row, status=e.status, error=e.message)
+    except Exception as e:
+        return Item(row, status="decode_error", error=f"{type(e).__name__}: {e}"[:2000])
+    return Item(row, image)
+
+
+@dataclass
+class Batch:
+    items: list[Item]
+    inputs: Any = None  # the processor's output, or the exception it raised
+    failed: BaseException | None = None
+
+
+def _prepare(captioner: Captioner | HttpCaptioner, items: list[Item]) -> Batch:
+    try:
+        return Batch(items, captioner.prepare([i.image for i in items]))
+    except Exception as e:  # a processor error: retried by halves like a generation error
+        return Batch(items, failed=e)
+
+
+def prepared_batches(
+    captioner: Captioner | HttpCaptioner,
+    config: CaptionConfig,
+    rows: list[int],
+    fetch: Callable[[int], bytes],
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+) -> Iterator[Batch | Item]:
+    """Decoded images grouped into prepared batches, produced ahead of the consumer.
+
+    Decoding runs on ``pool`` about two batches ahead; the processor call for batch k+1 runs in its own
+    thread while the caller generates batch k. Images that fail to decode are yielded as plain Items."""
+    ahead = 2 * batch_size
+    decoded: list[Future[Item]] = []
+    prep = ThreadPoolExecutor(1, thread_name_prefix="caption-prepare")
+    pending: Future[Batch] | None = None
+    position = 0
+    try:
+        while position < len(rows) or decoded or pending is not None:
+            while position < len(rows) and len(decoded) < ahead + batch_size:
+                decoded.append(pool.submit(decode, fetch, rows[position], config))
+                position += 1
+            items: list[Item] = []
+            while decoded and len(items) < batch_size:
+                item = decoded.pop(0).result()
+                if item.image is None:
+                    yield item
+                else:
+                    items.append(item)
+            following = prep.submit(_prepare, captioner, items) if items else None
+            if pending is not None:
+                yield pending.result()
+            pending = following
+    finally:
+        prep.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Outcome:
+    generated: Generated | None
+    status: str
+    error: str | None
+
+
+def run_batch(captioner: Captioner | HttpCaptioner, batch: Batch) -> list[Outcome]:
+    """Generate for a prepared batch; on an exception retry by halves down to single images."""
+    try:
+        if batch.failed is not None:
+            raise batch.failed
+        return [_outcome(result) for result in captioner.generate(batch.inputs)]
+    except Exception as e:
+        oom = is_out_of_memory(e)
+        batch.inputs = None  # free the failed batch's tensors before retrying
+        if oom:
+            _free_accelerator_memory()
+        if len(batch.items) == 1:
+            return [Outcome(None, "oom" if oom else "caption_error", f"{type(e).__name__}: {e}"[:2000])]
+        half = len(batch.items) // 2
+        return [
+            *run_batch(captioner, _prepare(captioner, batch.items[:half])),
+            *run_batch(captioner, _prepare(captioner, batch.items[half:])),
+        ]
+
+
+def _outcome(result: Generated | HttpResult) -> Outcome:
+    if isinstance(result, HttpResult):  # the HTTP backend reports per-request failures itself
+        if result.error is not None:
+            return Outcome(None, result.error.status, str(result.error)[:2000])
+        result = result.generated
+    return Outcome(result, "ok", None)
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def by_size(upstream: pa.Table, rows: list[int]) -> list[int]:
+    """Rows ordered by image area (then aspect), so a batch holds images with similar numbers of visual
+    tokens and little padding (Qwen2-VL and other dynamic-resolution models). Greedy captions do not
+    depend on batch composition, and output rows keep the shard's order."""
+    if "width" not in upstream.column_names or "height" not in upstream.column_names:
+        return rows
+    widths, heights = upstream["width"].to_pylist(), upstream["height"].to_pylist()
+
+    def size(i: int) -> tuple[int, float]:
+        w, h = widths[i] or 0, heights[i] or 0
+        return (w * h, w / h if h else 0.0)
+
+    return sorted(rows, key=size)
+
+
+def process(
+    config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner | HttpCaptioner
+) -> ShardOutput:
+    started = time.perf_counter()
+    uri = context.upstream_shard(task.index)
+    sizes = [c for c in ("width", "height") if c in storage.parquet_file(uri).schema_arrow.names]
+    upstream = storage.read_parquet(uri, columns=["key", "image", "status", *sizes])
+    selection = select_rows(upstream, keep_table_for(context, config.keep_from, task.index))
+    keys = upstream["key"].to_pylist()
+    rows: list[dict[str, Any]] = [
+        {"key": key, "captioner": captioner.name, "prompt": config.prompt, "status": s[0], "error": s[1]}
+        if s is not None
+        else {"key": key, "captioner": captioner.name, "prompt": config.prompt}
+        for key, s in zip(keys, selection.skip, strict=True)
+    ]
+    image_column = upstream["image"]
+    todo = by_size(upstream, selection.process)
+    batch_size = config.resources.batch_size or 8
+    if config.do_sample and config.backend == "transformers":
+        import torch
+
+        torch.manual_seed(config.seed + task.index)
+
+    wait = generate_seconds = 0.0
+    batches = retried = fed = 0
+    with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="caption-decode") as pool:
+        stream = prepared_batches(captioner, config, todo, lambda i: image_column[i].as_py(), batch_size, pool)
+        while True:
+            t0 = time.perf_counter()
+            nxt = next(stream, None)
+            wait += time.perf_counter() - t0
+            if nxt is None:
+                break
+            if isinstance(nxt, Item):
+                rows[nxt.row].update(status=nxt.status, error=nxt.error)
+                continue
+            t1 = time.perf_counter()
+            outcomes = run_batch(captioner, nxt)
+            generate_seconds += time.perf_counter() - t1
+            batches += 1
+            fed += len(nxt.items)
+            retried += nxt.failed is not None or any(o.status in ("caption_error", "oom") for o in outcomes)
+            for item, outcome in zip(nxt.items, outcomes, strict=True):
+                rows[item.row].update(_caption_row(config, outcome))
+    table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
+    generated = [r for r in rows if r.get("caption_raw") is not None]
+    extra = {
+        "fed_to_model": fed,
+        "captioned": sum(1 for r in rows if r.get("status") == "ok"),
+        "tokens_generated": sum(r["tokens_generated"] or 0 for r in generated),
+        "truncated": sum(1 for r in generated if r.get("truncated")),
+        "batches": batches,
+        "batches_retried": retried,
+        "generate_seconds": round(generate_seconds, 4),
+        "input_wait_seconds": round(wait, 4),
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+    return ShardOutput(table, extra)
+
+
+def _caption_row(config: CaptionConfig, outcome: Outcome) -> dict[str, Any]:
+    if outcome.generated is None:
+        return {"status": outcome.status, "error": outcome.error}
+    g = outcome.generated
+    text = clean_caption(g.text, g.truncated) if config.clean else g.text
+    status, error = ("ok", None) if text.strip() else ("empty_caption", "the model generated no text")
+    return {
+        "caption_synthetic": text if status == "ok" else None,
+        "caption_raw": g.text,
+        "tokens_generated": g.tokens,
+        "truncated": g.truncated,
+        "status": status,
+        "error": error,
+    }
+
+
+def describe(config: CaptionConfig) -> str:
+    keep = f"; skips keep=false rows of {config.keep_from}" if config.keep_from else ""
+    mode = "greedy" if not config.do_sample else "sampling"
+    return f"prompt {config.prompt!r}, {config.max_new_tokens} new tokens, {mode}{keep}"
+
+
+SPEC = StageSpec(
+    kind="caption",
+    config=CaptionConfig,
+    summary="synthetic captions from a vision-language model (transformers), beside the original captions",
+    schema=CAPTION_SCHEMA,
+    plan=one_task_per_upstream_shard,
+    process=process,
+    setup=setup,
+    describe_inputs=describe,
+)

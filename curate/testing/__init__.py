@@ -1,0 +1,1 @@
+"""Builders of small random-weight models of real architectures, for tests and the offline demo."""
