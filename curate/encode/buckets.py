@@ -66,7 +66,8 @@ def choose_bucket(
     buckets by more than ``aspect_tolerance`` (0.25: up to 5:1 goes to a 4:1 bucket; 6:1 does not)."""
     ratio = math.log(width / height)
     best = min(buckets, key=lambda b: (abs(b.log_ratio - ratio), -b.width * b.height))
-    if abs(best.log_ratio - ratio) > math.log(1 + aspect_tolerance):
+    beyond = max(ratio - buckets[-1].log_ratio, buckets[0].log_ratio - ratio)
+    if beyond > math.log(1 + aspect_tolerance):
         return None, f"aspect ratio {width}:{height} is beyond the buckets' range ({buckets[0].name} .. {buckets[-1].name})"
     return best, None
 

@@ -283,7 +283,7 @@ def _with_metadata(
     """Field metadata (dtype, per-row shape) on every tensor column; SD3 facts in the schema metadata."""
     fields = []
     for f in table.schema:
-        if f.name in TENSOR_COLUMNS and f.name in shapes:
+        if f.name in TENSOR_COLUMNS and f.name in shapes and table[f.name].null_count < table.num_rows:
             f = f.with_metadata(field_metadata(config.dtype, shapes[f.name]))
         fields.append(f)
     vae = state.vae.config
