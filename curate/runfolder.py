@@ -143,9 +143,9 @@ def summarize(stats: list[ShardStats]) -> dict[str, Any]:
 def _bytes_per_sample(extra: Counter[str]) -> dict[str, float]:
     """Counters `bytes.<column>` and `rows.<column>` (non-null rows) -> bytes per sample of each column."""
     return {
-        name[len("bytes.") :]: round(value / extra[f"rows.{name[len('bytes.'):]}"], 1)
+        name[len("bytes.") :]: round(value / extra[f"rows.{name[len('bytes.') :]}"], 1)
         for name, value in sorted(extra.items())
-        if name.startswith("bytes.") and extra.get(f"rows.{name[len('bytes.'):]}")
+        if name.startswith("bytes.") and extra.get(f"rows.{name[len('bytes.') :]}")
     }
 
 

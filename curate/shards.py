@@ -98,7 +98,9 @@ def index_shards(files: list[str]) -> tuple[list[RowGroup], ShardInfo]:
 Batch = list[tuple[int, int]]  # (row group id, row inside it)
 
 
-def plan_slot(groups: list[RowGroup], order: list[int], batch_size: int, drop_last: bool, rng: random.Random) -> list[Batch]:
+def plan_slot(
+    groups: list[RowGroup], order: list[int], batch_size: int, drop_last: bool, rng: random.Random
+) -> list[Batch]:
     """Batches of one bucket from row groups taken in ``order``: rows of a row group (shuffled when
     ``rng`` shuffles) fill that bucket's buffer, and a full buffer is a batch."""
     buffers: dict[str, Batch] = {}
@@ -134,18 +136,31 @@ def dataloader_skips(counts: list[int], consumed: int) -> list[int]:
     return skips
 
 
+SCALARS = ("key", "caption", "caption_synthetic", "original_width", "original_height", "crop_left", "crop_top")
+
+
 class _Cache:
-    """Row groups read once and dropped when their last planned row has been served."""
+    """Row groups read once (tensor columns as numpy views over Arrow's buffers, the few scalar columns
+    as lists) and dropped when their last planned row has been served."""
 
     def __init__(self, groups: list[RowGroup], columns: list[str], info: ShardInfo, remaining: dict[int, int]):
         self.groups, self.columns, self.info, self.remaining = groups, columns, info, remaining
         self.tables: dict[int, dict[str, Any]] = {}
+        self.files: dict[str, pq.ParquetFile] = {}
 
     def get(self, g: int) -> dict[str, Any]:
         if g not in self.tables:
             group = self.groups[g]
-            table = storage.parquet_file(group.file).read_row_group(group.index, columns=self.columns)
-            self.tables[g] = {name: table[name] for name in self.columns}
+            if group.file not in self.files:
+                self.files[group.file] = storage.parquet_file(group.file)
+            table = self.files[group.file].read_row_group(group.index, columns=self.columns)
+            views: dict[str, Any] = {}
+            for name in self.columns:
+                if name in SCALARS:
+                    views[name] = table[name].to_pylist()
+                else:
+                    views[name] = column_view(table[name], self.info.dtype, _shape(self.info, name, group))
+            self.tables[g] = views
         return self.tables[g]
 
     def served(self, g: int, n: int) -> None:
@@ -256,7 +271,7 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
             self._served += 1
 
     def _columns(self) -> list[str]:
-        wanted = ["key", "caption", "caption_synthetic", "original_width", "original_height", "crop_left", "crop_top"]
+        wanted = list(SCALARS)
         tensors = [c for c in self.info.columns if self.synthetic or not c.endswith("_synthetic")]
         return wanted + tensors
 
@@ -270,24 +285,25 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         for g, r in batch:
             parts.setdefault(g, []).append(r)
         names = [n for n in self._columns() if n in self.info.columns]
+        tables = {g: cache.get(g) for g in parts}
         for name in names:
             pieces = []
             for g, rows in parts.items():
-                view = column_view(cache.get(g)[name], dtype, _shape(self.info, name, self.groups[g]))
+                view = tables[g][name]
                 contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
                 pieces.append(view[rows[0] : rows[0] + len(rows)] if contiguous else view[rows])
             array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             out[name] = to_torch(array, dtype)
-        scalars: dict[str, list[Any]] = {}
-        for name in ("key", "caption", "caption_synthetic", "original_width", "original_height", "crop_left", "crop_top"):
-            scalars[name] = [v for g, rows in parts.items() for v in cache.get(g)[name].take(rows).to_pylist()]
+        scalars = {name: [tables[g][name][r] for g, rows in parts.items() for r in rows] for name in SCALARS}
         for g, rows in parts.items():
             cache.served(g, len(rows))
         out["key"], out["caption"] = scalars["key"], scalars["caption"]
         out["caption_synthetic"] = scalars["caption_synthetic"]
         out["has_caption"] = torch.tensor([c is not None for c in scalars["caption"]])
         out["has_synthetic"] = torch.tensor([c is not None for c in scalars["caption_synthetic"]])
-        out["original_size"] = torch.tensor(list(zip(scalars["original_height"], scalars["original_width"], strict=True)))
+        out["original_size"] = torch.tensor(
+            list(zip(scalars["original_height"], scalars["original_width"], strict=True))
+        )
         out["crop_top_left"] = torch.tensor(list(zip(scalars["crop_top"], scalars["crop_left"], strict=True)))
         out["target_size"] = torch.tensor([[group.height, group.width]] * len(batch))
         out["joint_attention_dim"] = int(self.info.encode["joint_attention_dim"])
@@ -383,7 +399,9 @@ def sd3_conditioning(batch: dict[str, Any], synthetic: Any = False) -> tuple[Any
     return torch.cat([clip, t5], dim=-2), pick("pooled")
 
 
-def sd3_latents(batch: dict[str, Any], info: ShardInfo | None = None, scaling: float = 1.5305, shift: float = 0.0609) -> Any:
+def sd3_latents(
+    batch: dict[str, Any], info: ShardInfo | None = None, scaling: float = 1.5305, shift: float = 0.0609
+) -> Any:
     """What the SD3 trainer diffuses: (latent - shift_factor) * scaling_factor (values from the shards'
     metadata when ``info`` is given)."""
     if info is not None:

@@ -3,15 +3,18 @@ pipeline computes (text conditioning and VAE latents)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from encode_helpers import PIPELINE, encoded_run, full_sd3_vae, models_yaml, tiny_sd3  # noqa: F401
+from encode_helpers import PIPELINE, models_yaml
 from PIL import Image
 
 from curate import storage
 from curate.runfolder import RunDir
 from curate.shards import ShardDataset, sd3_conditioning, sd3_latents
+
+pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, full_sd3_vae, encoded_run
 
 
 def sd3_pipeline(models, with_t5: bool = True, dtype=torch.float32):
@@ -45,7 +48,9 @@ def sd3_pipeline(models, with_t5: bool = True, dtype=torch.float32):
         tokenizer=AutoTokenizer.from_pretrained(models, subfolder="tokenizer"),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(models, subfolder="text_encoder_2", dtype=dtype),
         tokenizer_2=AutoTokenizer.from_pretrained(models, subfolder="tokenizer_2"),
-        text_encoder_3=T5EncoderModel.from_pretrained(models, subfolder="text_encoder_3", dtype=dtype) if with_t5 else None,
+        text_encoder_3=T5EncoderModel.from_pretrained(models, subfolder="text_encoder_3", dtype=dtype)
+        if with_t5
+        else None,
         tokenizer_3=AutoTokenizer.from_pretrained(models, subfolder="tokenizer_3") if with_t5 else None,
     )
 
@@ -56,7 +61,11 @@ def reference(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     for prompt in prompts:
         with torch.inference_mode():
             e, _, p, _ = pipe.encode_prompt(
-                prompt=prompt, prompt_2=prompt, prompt_3=prompt, max_sequence_length=77, do_classifier_free_guidance=False
+                prompt=prompt,
+                prompt_2=prompt,
+                prompt_3=prompt,
+                max_sequence_length=77,
+                do_classifier_free_guidance=False,
             )
         embeds.append(e)
         pooled.append(p)
@@ -84,7 +93,9 @@ def test_every_row_accounted_for(encoded_run):
                 elif image["key"] in encoded_run["dropped"]:
                     assert row["status"] == "dropped" and row["latent"] is None
                 elif row["status"] == "ok":
-                    assert row["latent"] is not None and row["bucket"] == f"{row['bucket_width']}x{row['bucket_height']}"
+                    assert (
+                        row["latent"] is not None and row["bucket"] == f"{row['bucket_width']}x{row['bucket_height']}"
+                    )
                     assert (row["clip_l"] is None) == (row["caption"] is None)
                     assert (row["clip_l_synthetic"] is None) == (row["caption_synthetic"] is None)
                 else:
@@ -178,8 +189,8 @@ def test_sd3_vae_256_to_16x32x32_and_back(ray_cluster, tiny_sd3, full_sd3_vae, t
     text = PIPELINE.format(
         out=tmp_path / "run", images=images, models=models_yaml(tiny_sd3, t5=False, vae=full_sd3_vae), encode=encode
     )
-    text = text.replace("  - kind: local\n    name: dedup\n    path: {}\n".format(images), "").replace(
-        "  - kind: local\n    name: caption\n    path: {}\n".format(images), ""
+    text = text.replace(f"  - kind: local\n    name: dedup\n    path: {images}\n", "").replace(
+        f"  - kind: local\n    name: caption\n    path: {images}\n", ""
     )
     run_pipeline(parse_pipeline(text), log=lambda line: None)
     (batch,) = all_batches(RunDir(str(tmp_path / "run")).stage("encode").uri)
@@ -187,11 +198,14 @@ def test_sd3_vae_256_to_16x32x32_and_back(ray_cluster, tiny_sd3, full_sd3_vae, t
 
     vae = AutoencoderKL.from_pretrained(full_sd3_vae)
     scaling, shift = vae.config.scaling_factor, vae.config.shift_factor
-    pixels = torch.from_numpy(__import__("numpy").asarray(source)).permute(2, 0, 1)[None].float() / 255.0
+    pixels = torch.from_numpy(np.array(source)).permute(2, 0, 1)[None].float() / 255.0
     with torch.inference_mode():
         mean = vae.encode(pixels * 2 - 1).latent_dist.mean
-        assert torch.allclose(batch["latent"], mean, atol=1e-5, rtol=1e-4)
+        # the stage's actor runs torch with one thread (num_cpus: 1), this process with more: float sums
+        # are reduced in another order, so equal up to ~1e-5 rather than bit for bit
+        assert torch.allclose(batch["latent"], mean, atol=1e-4, rtol=1e-4)
         trained_on = sd3_latents(batch, scaling=scaling, shift=shift)  # what the trainer diffuses
         ours = trained_on / scaling + shift  # what StableDiffusion3Pipeline does before vae.decode
         decoded = vae.decode(torch.cat([ours, mean])).sample
-    assert torch.allclose(decoded[0], decoded[1], atol=1e-4)
+    assert decoded.shape == (2, 3, 256, 256)
+    assert torch.allclose(decoded[0], decoded[1], atol=1e-3 * float(decoded[1].abs().max()))

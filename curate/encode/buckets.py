@@ -68,7 +68,10 @@ def choose_bucket(
     best = min(buckets, key=lambda b: (abs(b.log_ratio - ratio), -b.width * b.height))
     beyond = max(ratio - buckets[-1].log_ratio, buckets[0].log_ratio - ratio)
     if beyond > math.log(1 + aspect_tolerance):
-        return None, f"aspect ratio {width}:{height} is beyond the buckets' range ({buckets[0].name} .. {buckets[-1].name})"
+        return (
+            None,
+            f"aspect ratio {width}:{height} is beyond the buckets' range ({buckets[0].name} .. {buckets[-1].name})",
+        )
     return best, None
 
 

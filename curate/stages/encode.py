@@ -214,7 +214,9 @@ def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: 
             i: pool.submit(_prepare, config, buckets, image_column[i].as_py())
             for i in todo  # bytes are materialised one row at a time, inside the submit loop
         }
-        text, text_shapes = _text_blobs(state, config, [captions[i] if i in futures else None for i in range(n)], batch_size)
+        text, text_shapes = _text_blobs(
+            state, config, [captions[i] if i in futures else None for i in range(n)], batch_size
+        )
         text_syn, _ = _text_blobs(
             state, config, [rows["caption_synthetic"][i] if i in futures else None for i in range(n)], batch_size
         )
@@ -277,9 +279,7 @@ def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: 
     return ShardOutput(table, extra, row_groups=tuple(row_groups), options=_parquet_options(table, config))
 
 
-def _with_metadata(
-    table: pa.Table, config: EncodeConfig, state: EncodeState, shapes: dict[str, list[Any]]
-) -> pa.Table:
+def _with_metadata(table: pa.Table, config: EncodeConfig, state: EncodeState, shapes: dict[str, list[Any]]) -> pa.Table:
     """Field metadata (dtype, per-row shape) on every tensor column; SD3 facts in the schema metadata."""
     fields = []
     for f in table.schema:

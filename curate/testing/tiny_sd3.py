@@ -78,7 +78,8 @@ def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     import open_clip.tokenizer as oct
 
     path = Path(oct.__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(oct.bytes_to_unicode().values())
