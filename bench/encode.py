@@ -97,6 +97,9 @@ def bench_resolution(models: Path, base: int, n: int, batch: int, device: str, d
     # Reference: the libraries called directly on the same batches (pixels already resized, as in training
     # scripts that precompute), both captions through encode_prompt, the VAE on each bucket's batches.
     from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # encode_prompt's truncation warnings
 
     text = state.text
     pipe = StableDiffusion3Pipeline(
@@ -178,9 +181,68 @@ def bench_resolution(models: Path, base: int, n: int, batch: int, device: str, d
     return results
 
 
-def bench_reader(uri: str, folder: Path, batch: int, epochs: int = 3) -> dict:
-    columns = ("latent", "clip_l", "clip_g", "pooled", "t5")
-    dataset = ShardDataset(uri, batch_size=batch, seed=0)
+SD3_SHAPES = {"clip_l": [77, 768], "clip_g": [77, 1280], "pooled": [2048], "t5": [77, 4096]}
+
+
+def sd3_sized_shard(folder: Path, n: int, base: int, seed: int = 0) -> str:
+    """An encode shard with SD3's real tensor sizes (random fp16 values, both captions) for the reader
+    benchmark, written with the stage's schema, metadata, row groups and writer options."""
+    import pyarrow as pa
+
+    from curate.encode.tensors import field_metadata
+
+    rng = np.random.default_rng(seed)
+    f = base // 8
+    shapes = {"latent": [16, f, f], **SD3_SHAPES, **{k + "_synthetic": v for k, v in SD3_SHAPES.items()}}
+    columns: dict[str, list] = {field.name: [None] * n for field in encode_stage.ENCODE_SCHEMA}
+    columns["key"] = [f"{i:024x}" for i in range(n)]
+    columns["caption"] = columns["caption_synthetic"] = ["a caption"] * n
+    columns["status"] = ["ok"] * n
+    columns["bucket"] = [f"{base}x{base}"] * n
+    for name in (
+        "bucket_width",
+        "bucket_height",
+        "original_width",
+        "original_height",
+        "resized_width",
+        "resized_height",
+    ):
+        columns[name] = [base] * n
+    columns["crop_left"] = columns["crop_top"] = [0] * n
+    for name, shape in shapes.items():
+        columns[name] = [rng.standard_normal(shape).astype(np.float16).tobytes() for _ in range(n)]
+    table = pa.Table.from_pydict(columns, schema=encode_stage.ENCODE_SCHEMA)
+    fields = [
+        fl.with_metadata(
+            field_metadata(
+                "float16", shapes[fl.name] if fl.name != "latent" else [16, "bucket_height/8", "bucket_width/8"]
+            )
+        )
+        if fl.name in shapes
+        else fl
+        for fl in table.schema
+    ]
+    sizes, buckets = encode_stage._row_groups(table, 64 << 20)
+    info = {
+        "dtype": "float16",
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "vae_factor": 8,
+        "joint_attention_dim": 4096,
+        "max_sequence_length": 77,
+        "row_groups": [{"bucket": b, "rows": r} for b, r in zip(buckets, sizes, strict=True)],
+    }
+    table = table.cast(pa.schema(fields, metadata={b"curate.encode": json.dumps(info).encode()}))
+    uri = str(folder / "shard-00000.parquet")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = encode_stage.EncodeConfig(kind="encode")
+    storage.write_parquet_atomic(uri, table, row_group_sizes=sizes, **encode_stage._parquet_options(table, config))
+    return uri
+
+
+def bench_reader(uri: str | list[str], folder: Path, batch: int, epochs: int = 3, shuffle_rows: bool = True) -> dict:
+    dataset = ShardDataset(uri, batch_size=batch, seed=0, shuffle_rows=shuffle_rows)
+    columns = dataset.info.columns
     # memmaps of the same tensors, one file per (bucket, column), read in shuffled bucketed batches
     folder.mkdir(parents=True, exist_ok=True)
     maps: dict[str, dict[str, np.memmap]] = {}
@@ -222,6 +284,7 @@ def bench_reader(uri: str, folder: Path, batch: int, epochs: int = 3) -> dict:
     reader_rate = count / (time.perf_counter() - started)
     return {
         "row": "reader",
+        "shuffle_rows": shuffle_rows,
         "samples": samples,
         "reader_samples_per_s": round(reader_rate, 1),
         "memmap_samples_per_s": round(memmap_rate, 1),
@@ -238,6 +301,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--models", help="model folder to reuse (built there if missing)")
+    parser.add_argument("--reader-samples", type=int, default=96, help="rows of the SD3-sized reader shard")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.device == "cuda" and pick_device(1) != "cuda":
@@ -249,6 +313,12 @@ def main() -> None:
         for base in args.resolution:
             for row in bench_resolution(models, base, args.samples, args.batch_size, args.device, args.dtype, work):
                 row.update(device=args.device, size=args.size)
+                print(json.dumps(row), flush=True)
+                results.append(row)
+            uri = sd3_sized_shard(work / f"sd3-sized-{base}", args.reader_samples, base)
+            for shuffle_rows in (True, False):
+                row = bench_reader([uri], work / f"memmap-sd3-sized-{base}", args.batch_size, shuffle_rows=shuffle_rows)
+                row.update(row="reader_sd3_sizes", resolution=base, device=args.device, size="real tensor sizes")
                 print(json.dumps(row), flush=True)
                 results.append(row)
     if args.json:

@@ -152,7 +152,7 @@ class _Cache:
         if g not in self.tables:
             group = self.groups[g]
             if group.file not in self.files:
-                self.files[group.file] = storage.parquet_file(group.file)
+                self.files[group.file] = _open(group.file)
             table = self.files[group.file].read_row_group(group.index, columns=self.columns)
             views: dict[str, Any] = {}
             for name in self.columns:
@@ -167,6 +167,15 @@ class _Cache:
         self.remaining[g] -= n
         if self.remaining[g] <= 0:
             self.tables.pop(g, None)
+
+
+def _open(uri: str) -> pq.ParquetFile:
+    """Local files are memory-mapped: pages are decoded straight from the page cache (one copy fewer,
+    about twice the read speed measured on uncompressed tensor blobs)."""
+    if not storage.has_scheme(uri) or uri.startswith("file://"):
+        _, path = storage.resolve(uri)
+        return pq.ParquetFile(path, memory_map=True)
+    return storage.parquet_file(uri)
 
 
 def _shape(info: ShardInfo, name: str, group: RowGroup) -> tuple[int, ...]:
@@ -203,6 +212,7 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         seed: int = 0,
         drop_last: bool = False,
         synthetic: bool = True,
+        shuffle_rows: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -210,6 +220,10 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         self.groups, self.info = index_shards(self.files)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        # False: rows keep their order inside a row group, so a batch is a slice of one row group and its
+        # tensors are views of Arrow's buffers (no copy); row groups are still shuffled. True: each batch
+        # is a random pick of a row group's rows (one copy to gather them).
+        self.shuffle_rows = shuffle_rows
         self.seed = seed
         self.drop_last = drop_last
         self.synthetic = synthetic
@@ -227,7 +241,8 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         mine = order[self.rank :: self.world_size]
         plans = []
         for w in range(num_workers):
-            rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{w}") if self.shuffle else _NoShuffle()
+            rows_shuffled = self.shuffle and self.shuffle_rows
+            rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{w}") if rows_shuffled else _NoShuffle()
             plans.append(plan_slot(self.groups, mine[w::num_workers], self.batch_size, self.drop_last, rng))
         return plans
 
@@ -287,12 +302,18 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         names = [n for n in self._columns() if n in self.info.columns]
         tables = {g: cache.get(g) for g in parts}
         for name in names:
-            pieces = []
-            for g, rows in parts.items():
+            if len(parts) == 1:  # one row group: a slice is a view, a shuffled pick is one copy
+                ((g, rows),) = parts.items()
                 view = tables[g][name]
                 contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-                pieces.append(view[rows[0] : rows[0] + len(rows)] if contiguous else view[rows])
-            array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                array = view[rows[0] : rows[0] + len(rows)] if contiguous else np.take(view, rows, axis=0)
+            else:  # gathered straight into the batch array: still one copy
+                first = tables[next(iter(parts))][name]
+                array = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
+                at = 0
+                for g, rows in parts.items():
+                    np.take(tables[g][name], rows, axis=0, out=array[at : at + len(rows)])
+                    at += len(rows)
             out[name] = to_torch(array, dtype)
         scalars = {name: [tables[g][name][r] for g, rows in parts.items() for r in rows] for name in SCALARS}
         for g, rows in parts.items():
