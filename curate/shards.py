@@ -246,8 +246,9 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
             plans.append(plan_slot(self.groups, mine[w::num_workers], self.batch_size, self.drop_last, rng))
         return plans
 
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.plan(self.epoch))
+    def num_batches(self, num_workers: int = 1) -> int:
+        """Batches of this rank's current epoch (the split between workers changes the partial batches)."""
+        return sum(len(p) for p in self.plan(self.epoch, num_workers))
 
     # -- state --------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -378,7 +379,7 @@ class ShardLoader:
         self.position = 0
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self.dataset.plan(self.dataset.epoch, max(1, self.num_workers)))
+        return self.dataset.num_batches(max(1, self.num_workers))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.dataset.epoch, "position": self.position, "seed": self.dataset.seed}

@@ -11,6 +11,7 @@ from encode_helpers import PIPELINE, models_yaml
 from PIL import Image
 
 from curate import storage
+from curate.encode.models import encode_images
 from curate.runfolder import RunDir
 from curate.shards import ShardDataset, sd3_conditioning, sd3_latents
 
@@ -198,12 +199,20 @@ def test_sd3_vae_256_to_16x32x32_and_back(ray_cluster, tiny_sd3, full_sd3_vae, t
 
     vae = AutoencoderKL.from_pretrained(full_sd3_vae)
     scaling, shift = vae.config.scaling_factor, vae.config.shift_factor
+    # bit for bit what the stage's code computes in an actor (torch with one thread there: num_cpus 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        same_path, _ = encode_images(vae, np.array(source)[None])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batch["latent"], same_path)
     pixels = torch.from_numpy(np.array(source)).permute(2, 0, 1)[None].float() / 255.0
     with torch.inference_mode():
         mean = vae.encode(pixels * 2 - 1).latent_dist.mean
-        # the stage's actor runs torch with one thread (num_cpus: 1), this process with more: float sums
-        # are reduced in another order, so equal up to ~1e-5 rather than bit for bit
-        assert torch.allclose(batch["latent"], mean, atol=1e-4, rtol=1e-4)
+        # diffusers called here, with other threads and memory layout: float sums reduce in another
+        # order, and 84M random weights amplify that to ~1e-4 of the latents' range
+        assert torch.allclose(batch["latent"], mean, atol=1e-3 * float(mean.abs().max()))
         trained_on = sd3_latents(batch, scaling=scaling, shift=shift)  # what the trainer diffuses
         ours = trained_on / scaling + shift  # what StableDiffusion3Pipeline does before vae.decode
         decoded = vae.decode(torch.cat([ours, mean])).sample

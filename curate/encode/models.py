@@ -137,10 +137,11 @@ def encode_images(vae: Any, pixels: Any) -> tuple[Any, Any]:
     """uint8 [N, H, W, 3] (numpy) -> latent distribution (mean, std), each [N, C, H/f, W/f].
 
     Pixels are normalised as diffusers' VaeImageProcessor does (x / 255 * 2 - 1)."""
+    import numpy as np
     import torch
 
     with torch.inference_mode():
-        x = torch.from_numpy(pixels).to(vae.device).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(vae.device).permute(0, 3, 1, 2).float() / 255.0
         x = (x * 2.0 - 1.0).to(vae.dtype)
         dist = vae.encode(x).latent_dist
         return dist.mean, dist.std
