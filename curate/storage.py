@@ -172,7 +172,8 @@ def write_parquet_atomic(
         if row_group_sizes is None:
             pq.write_table(table, sink, row_group_size=row_group_size, **options)
         else:
-            assert sum(row_group_sizes) == table.num_rows, "row group sizes must add up to the table's rows"
+            if sum(row_group_sizes) != table.num_rows:
+                raise ValueError(f"row group sizes add up to {sum(row_group_sizes)}, not {table.num_rows} rows")
             with pq.ParquetWriter(sink, table.schema, **options) as writer:
                 start = 0
                 for rows in row_group_sizes:
