@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from curate.encode.tensors import column_view
-from curate.runfolder import RunDir
+from curate.runfolder import RunDir, StageDir
 from curate.shards import ShardDataset, ShardLoader, dataloader_skips
 
 pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, full_sd3_vae, encoded_run
@@ -20,7 +20,7 @@ def stage_uri(run, name="encode16") -> str:
 
 def ok_keys(uri: str) -> set[str]:
     keys = set()
-    for f in RunDir("").stage(uri).shard_uris():
+    for f in StageDir(uri).shard_uris():
         table = pq.read_table(f, columns=["key", "status"])
         keys |= {k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True) if s == "ok"}
     return keys
