@@ -215,6 +215,7 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         shuffle_rows: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        even_ranks: bool = True,
     ):
         self.files = shard_files(source)
         self.groups, self.info = index_shards(self.files)
@@ -228,17 +229,41 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         self.drop_last = drop_last
         self.synthetic = synthetic
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        # every rank yields as many batches as the rank with the fewest (DDP hangs on uneven ranks);
+        # the few batches left over change with the epoch's shuffle
+        self.even_ranks = even_ranks
         self.epoch = 0
         self.start = 0  # batches of this rank's current epoch already consumed (set by load_state_dict)
         self._served = 0
 
     # -- plan ---------------------------------------------------------------------------------------
-    def plan(self, epoch: int, num_workers: int = 1) -> list[list[Batch]]:
-        """The batches of each DataLoader worker of this rank for ``epoch`` (from metadata only)."""
+    def _rank_groups(self, epoch: int, rank: int) -> list[int]:
         order = list(range(len(self.groups)))
         if self.shuffle:
             random.Random(f"{self.seed}:{epoch}:groups").shuffle(order)
-        mine = order[self.rank :: self.world_size]
+        return order[rank :: self.world_size]
+
+    def _count(self, group_ids: list[int]) -> int:
+        """Batches plan_slot makes from these row groups, from row counts alone."""
+        rows: dict[str, int] = {}
+        for g in group_ids:
+            rows[self.groups[g].bucket] = rows.get(self.groups[g].bucket, 0) + self.groups[g].rows
+        full = sum(n // self.batch_size for n in rows.values())
+        return full + (0 if self.drop_last else sum(1 for n in rows.values() if n % self.batch_size))
+
+    def limit(self, epoch: int, num_workers: int = 1) -> int | None:
+        """Batches every rank yields in ``epoch`` with even_ranks (None: no limit)."""
+        if not self.even_ranks or self.world_size == 1:
+            return None
+        totals = []
+        for rank in range(self.world_size):
+            mine = self._rank_groups(epoch, rank)
+            totals.append(sum(self._count(mine[w::num_workers]) for w in range(num_workers)))
+        return min(totals)
+
+    def plan(self, epoch: int, num_workers: int = 1) -> list[list[Batch]]:
+        """The batches of each DataLoader worker of this rank for ``epoch`` (from metadata only)."""
+        mine = self._rank_groups(epoch, self.rank)
         plans = []
         for w in range(num_workers):
             rows_shuffled = self.shuffle and self.shuffle_rows
@@ -248,7 +273,9 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
 
     def num_batches(self, num_workers: int = 1) -> int:
         """Batches of this rank's current epoch (the split between workers changes the partial batches)."""
-        return sum(len(p) for p in self.plan(self.epoch, num_workers))
+        total = sum(len(p) for p in self.plan(self.epoch, num_workers))
+        limit = self.limit(self.epoch, num_workers)
+        return total if limit is None else min(total, limit)
 
     # -- state --------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -278,11 +305,14 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
             for g, _ in batch:
                 remaining[g] = remaining.get(g, 0) + 1
         cache = _Cache(self.groups, self._columns(), self.info, remaining)
+        limit = self.limit(self.epoch, num_workers)
         for local, batch in enumerate(batches):
             if local < skips[worker_id]:
                 continue
             # this batch's place in the rank's epoch order: (local index, worker) as the DataLoader yields
             position = sum(min(c, local) for c in counts) + sum(1 for c in counts[:worker_id] if c > local)
+            if limit is not None and position >= limit:
+                break
             yield self._assemble(batch, cache, position)
             self._served += 1
 

@@ -79,7 +79,7 @@ def test_epochs_reshuffle_and_seeds_repeat(encoded_run):
 def test_ranks_split_the_rows_without_overlap(encoded_run):
     keys = []
     for rank in range(2):
-        ds = ShardDataset(stage_uri(encoded_run), batch_size=2, seed=5, rank=rank, world_size=2)
+        ds = ShardDataset(stage_uri(encoded_run), batch_size=2, seed=5, rank=rank, world_size=2, even_ranks=False)
         keys.append([k for batch in ds for k in batch["key"]])
     assert not set(keys[0]) & set(keys[1])
     assert set(keys[0]) | set(keys[1]) == ok_keys(stage_uri(encoded_run))
@@ -118,3 +118,19 @@ def test_ray_data_reads_the_shards(encoded_run):
     uris = RunDir(encoded_run["run"]).stage("encode16").shard_uris()
     rows = ray.data.read_parquet(uris).filter(lambda r: r["status"] == "ok").take(2)
     assert len(rows) == 2 and isinstance(rows[0]["latent"], bytes)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_even_ranks_yield_the_same_number_of_batches(encoded_run, world_size):
+    counts = []
+    for rank in range(world_size):
+        ds = ShardDataset(stage_uri(encoded_run), batch_size=2, seed=5, rank=rank, world_size=world_size)
+        batches = list(ds)
+        assert len(batches) == ds.num_batches()
+        counts.append(len(batches))
+    assert len(set(counts)) == 1 and counts[0] > 0
+    uneven = [
+        ShardDataset(stage_uri(encoded_run), batch_size=2, seed=5, rank=r, world_size=world_size, even_ranks=False)
+        for r in range(world_size)
+    ]
+    assert counts[0] == min(sum(len(p) for p in ds.plan(0)) for ds in uneven)

@@ -79,6 +79,7 @@ class EncodeConfig(StageConfig):
     row_group_bytes: PositiveInt = 64 << 20
     tensor_compression: Literal["none", "zstd"] = "none"
     decode_threads: PositiveInt = 4
+    chunk_rows: PositiveInt = 256  # rows decoded and encoded at a time: bounds the pixels held in memory
 
     @model_validator(mode="after")
     def _multiple(self) -> EncodeConfig:
@@ -177,7 +178,6 @@ def _text_blobs(
 
 
 def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: EncodeState) -> ShardOutput:
-    from curate.encode.models import encode_images
 
     started = time.perf_counter()
     images = storage.read_parquet(context.upstream_shard(task.index))
@@ -208,51 +208,47 @@ def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: 
     buckets = config.buckets()
     batch_size = config.resources.batch_size or 16
     image_column = images["image"]
-    with ThreadPoolExecutor(config.decode_threads) as pool:
-        # Images decode on the pool while the text encoders run on this thread (torch releases the GIL).
-        futures = {
-            i: pool.submit(_prepare, config, buckets, image_column[i].as_py())
-            for i in todo  # bytes are materialised one row at a time, inside the submit loop
-        }
-        text, text_shapes = _text_blobs(
-            state, config, [captions[i] if i in futures else None for i in range(n)], batch_size
-        )
-        text_syn, _ = _text_blobs(
-            state, config, [rows["caption_synthetic"][i] if i in futures else None for i in range(n)], batch_size
-        )
-        by_bucket: dict[str, list[tuple[int, Placement, np.ndarray]]] = defaultdict(list)
-        for i, future in futures.items():
-            placement, pixels, status, error = future.result()
-            if placement is None:
-                rows["status"][i], rows["error"][i] = status, error
-                continue
-            by_bucket[placement.bucket.name].append((i, placement, pixels))
-
+    text: dict[str, list[bytes | None]] = {c: [None] * n for c in TEXT_COLUMNS}
+    text_syn: dict[str, list[bytes | None]] = {c: [None] * n for c in TEXT_COLUMNS}
+    text_shapes: dict[str, list[int]] = {}
+    by_bucket: dict[str, list[tuple[int, Placement]]] = defaultdict(list)
     latent_shape: list[Any] = []
-    for name in sorted(by_bucket):
-        items = by_bucket[name]
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            mean, std = encode_images(state.vae, np.stack([p for _, _, p in chunk]))
-            latent_shape = [int(mean.shape[1]), "bucket_height/8", "bucket_width/8"]
-            means = to_blobs(mean, config.dtype)
-            stds = to_blobs(std, config.dtype) if config.store_std else [None] * len(chunk)
-            for (i, placement, _), m, s in zip(chunk, means, stds, strict=True):
-                bucket = placement.bucket
-                rows["latent"][i], rows["latent_std"][i] = m, s
-                rows["bucket"][i] = bucket.name
-                rows["bucket_width"][i], rows["bucket_height"][i] = bucket.width, bucket.height
-                rows["resized_width"][i], rows["resized_height"][i] = placement.resized_width, placement.resized_height
-                rows["crop_left"][i], rows["crop_top"][i] = placement.crop_left, placement.crop_top
-                rows["status"][i], rows["error"][i] = "ok", None
+    # Chunks of rows bound the decoded pixels held at once (chunk_rows x 3 MB at 1024^2).
+    chunks = [todo[s : s + config.chunk_rows] for s in range(0, len(todo), config.chunk_rows)]
+    with ThreadPoolExecutor(config.decode_threads) as pool:
 
-    encoded = {i for items in by_bucket.values() for i, _, _ in items}
+        def submit(chunk: list[int]) -> dict[int, Any]:
+            return {i: pool.submit(_prepare, config, buckets, image_column[i].as_py()) for i in chunk}
+
+        pending = submit(chunks[0]) if chunks else {}
+        for k, chunk in enumerate(chunks):
+            futures = pending
+            # the text encoders run while this chunk's images decode on the pool (torch releases the GIL)
+            for target, source in ((text, captions), (text_syn, rows["caption_synthetic"])):
+                blobs, shapes_found = _text_blobs(state, config, [source[i] for i in chunk], batch_size)
+                text_shapes.update(shapes_found)
+                for name in TEXT_COLUMNS:
+                    for i, blob in zip(chunk, blobs[name], strict=True):
+                        target[name][i] = blob
+            decoded: dict[str, list[tuple[int, Placement, np.ndarray]]] = defaultdict(list)
+            for i, future in futures.items():
+                placement, pixels, status, error = future.result()
+                if placement is None:
+                    rows["status"][i], rows["error"][i] = status, error
+                    continue
+                decoded[placement.bucket.name].append((i, placement, pixels))
+            pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else {}  # decoded while the VAE runs
+            latent_shape = _encode_latents(state, config, decoded, rows, batch_size) or latent_shape
+            for name, items in decoded.items():
+                by_bucket[name] += [(i, placement) for i, placement, _ in items]
+
+    encoded = {i for items in by_bucket.values() for i, _ in items}
     for name in TEXT_COLUMNS:
         for suffix, source in (("", text), (SYNTHETIC, text_syn)):
             rows[name + suffix] = [source[name][i] if i in encoded else None for i in range(n)]
 
     # Order: encoded rows by bucket (row groups never span two buckets), then everything else.
-    order = [i for name in sorted(by_bucket) for i, _, _ in by_bucket[name]]
+    order = [i for name in sorted(by_bucket) for i, _ in by_bucket[name]]
     order += [i for i in range(n) if i not in encoded]
     table = pa.Table.from_pydict({k: [v[i] for i in order] for k, v in rows.items()}, schema=ENCODE_SCHEMA)
 
@@ -277,6 +273,36 @@ def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: 
     for name in sorted(by_bucket):
         extra[f"bucket.{name}"] = len(by_bucket[name])
     return ShardOutput(table, extra, row_groups=tuple(row_groups), options=_parquet_options(table, config))
+
+
+def _encode_latents(
+    state: EncodeState,
+    config: EncodeConfig,
+    decoded: dict[str, list[tuple[int, Placement, np.ndarray]]],
+    rows: dict[str, list[Any]],
+    batch_size: int,
+) -> list[Any]:
+    """VAE batches of one bucket each; fills the latent and bucket columns. Returns the per-row latent shape."""
+    from curate.encode.models import encode_images
+
+    shape: list[Any] = []
+    for name in sorted(decoded):
+        items = decoded[name]
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            mean, std = encode_images(state.vae, np.stack([p for _, _, p in chunk]))
+            shape = [int(mean.shape[1]), "bucket_height/8", "bucket_width/8"]
+            means = to_blobs(mean, config.dtype)
+            stds = to_blobs(std, config.dtype) if config.store_std else [None] * len(chunk)
+            for (i, placement, _), m, s in zip(chunk, means, stds, strict=True):
+                bucket = placement.bucket
+                rows["latent"][i], rows["latent_std"][i] = m, s
+                rows["bucket"][i] = bucket.name
+                rows["bucket_width"][i], rows["bucket_height"][i] = bucket.width, bucket.height
+                rows["resized_width"][i], rows["resized_height"][i] = placement.resized_width, placement.resized_height
+                rows["crop_left"][i], rows["crop_top"][i] = placement.crop_left, placement.crop_top
+                rows["status"][i], rows["error"][i] = "ok", None
+    return shape
 
 
 def _with_metadata(table: pa.Table, config: EncodeConfig, state: EncodeState, shapes: dict[str, list[Any]]) -> pa.Table:
