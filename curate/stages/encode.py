@@ -178,7 +178,6 @@ def _text_blobs(
 
 
 def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: EncodeState) -> ShardOutput:
-
     started = time.perf_counter()
     images = storage.read_parquet(context.upstream_shard(task.index))
     joined = _joined_tables(config, task, context)
