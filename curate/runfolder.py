@@ -136,6 +136,16 @@ def summarize(stats: list[ShardStats]) -> dict[str, Any]:
         "worker_seconds": round(seconds, 3),
         "rows_per_worker_second": round(rows / seconds, 2) if seconds > 0 else None,
         "extra": dict(extra),
+        "bytes_per_sample": _bytes_per_sample(extra),
+    }
+
+
+def _bytes_per_sample(extra: Counter[str]) -> dict[str, float]:
+    """Counters `bytes.<column>` and `rows.<column>` (non-null rows) -> bytes per sample of each column."""
+    return {
+        name[len("bytes.") :]: round(value / extra[f"rows.{name[len('bytes.') :]}"], 1)
+        for name, value in sorted(extra.items())
+        if name.startswith("bytes.") and extra.get(f"rows.{name[len('bytes.') :]}")
     }
 
 

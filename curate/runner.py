@@ -56,7 +56,11 @@ def execute_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
                 b"curate.schema_version": SCHEMA_VERSION.encode(),
             }
         )
-        size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, **parquet_options(table))
+        options = dict(output.options) if output.options is not None else parquet_options(table)
+        if output.row_groups is not None:
+            options.pop("row_group_size", None)
+            options["row_group_sizes"] = output.row_groups
+        size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, **options)
         status = Counter(table["status"].to_pylist()) if "status" in table.column_names else {"ok": table.num_rows}
         stats = ShardStats(
             task.index, table.num_rows, dict(status), round(time.perf_counter() - started, 4), size, output.extra

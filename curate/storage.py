@@ -161,12 +161,29 @@ def write_json(uri: str, obj: Any) -> None:
     write_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_parquet_atomic(uri: str, table: pa.Table, row_group_size: int | None = None, **options: Any) -> int:
-    """Stream a Parquet file to a temporary name and rename it into place; returns its size in bytes."""
+def write_parquet_atomic(
+    uri: str,
+    table: pa.Table,
+    row_group_size: int | None = None,
+    row_group_sizes: tuple[int, ...] | list[int] | None = None,
+    **options: Any,
+) -> int:
+    """Stream a Parquet file to a temporary name and rename it into place; returns its size in bytes.
+
+    ``row_group_sizes`` (row counts, summing to the table's rows) places row-group boundaries exactly."""
     fs, path = resolve(uri)
     tmp = _temporary_sibling(fs, path)
     with fs.open_output_stream(tmp) as sink:
-        pq.write_table(table, sink, row_group_size=row_group_size, **options)
+        if row_group_sizes is None:
+            pq.write_table(table, sink, row_group_size=row_group_size, **options)
+        else:
+            if sum(row_group_sizes) != table.num_rows:
+                raise ValueError(f"row group sizes add up to {sum(row_group_sizes)}, not {table.num_rows} rows")
+            with pq.ParquetWriter(sink, table.schema, **options) as writer:
+                start = 0
+                for rows in row_group_sizes:
+                    writer.write_table(table.slice(start, rows), row_group_size=max(1, rows))
+                    start += rows
     size = fs.get_file_info(tmp).size
     fs.move(tmp, path)
     return int(size or 0)

@@ -7,9 +7,11 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import caption, download, local
+from curate.stages import caption, download, encode, local
 from curate.stages.spec import StageSpec, WorkContext
 
-STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (local.SPEC, download.SPEC, caption.SPEC)}
+STAGES: dict[str, StageSpec] = {
+    spec.kind: spec for spec in (local.SPEC, download.SPEC, caption.SPEC, encode.SPEC)
+}
 
 __all__ = ["STAGES", "StageSpec", "WorkContext"]

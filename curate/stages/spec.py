@@ -37,6 +37,10 @@ class ShardOutput:
 
     table: pa.Table
     extra: dict[str, Any] = field(default_factory=dict)
+    # Optional: row counts of the file's row groups in order (e.g. so no row group spans two buckets),
+    # and Parquet writer options replacing curate.schema.parquet_options. None keeps the defaults.
+    row_groups: tuple[int, ...] | None = None
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
