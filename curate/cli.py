@@ -65,6 +65,14 @@ def _samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_models(args: argparse.Namespace) -> int:
+    from curate.testing.tiny_models import build_tiny_models
+
+    for role, path in build_tiny_models(args.folder).items():
+        print(f"{role:<10} {path}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from curate.train.commands import train_command
 
@@ -129,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--no-broken", action="store_true", help="leave out the three broken files")
     samples.add_argument("--no-duplicates", action="store_true", help="leave out the near-duplicate copies")
     samples.set_defaults(func=_samples)
+    tiny = sub.add_parser(
+        "tiny-models", help="build the offline demo's small random-weight models (captioner, SD3 encoders, VAE)"
+    )
+    tiny.add_argument("folder", help="where to write them, e.g. demo-data/models (configs/models/tiny.yaml)")
+    tiny.set_defaults(func=_tiny_models)
+
     train = sub.add_parser("train", help="train the reference MMDiT on training shards (resumes from its output)")
     train.add_argument("config", help="trainer YAML: shards, output and training settings (see configs/train/)")
     train.set_defaults(func=_train)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from curate import storage
 
@@ -52,6 +52,12 @@ class ModelSpec(Strict):
     revision: str | None = None
     subfolder: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Local paths are made absolute here: Ray workers do not share the command's working directory."""
+        return None if value is None else storage.absolute(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -7,11 +7,11 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import caption, download, encode, local
+from curate.stages import caption, download, encode, local, validate
 from curate.stages.spec import StageSpec, WorkContext
 
 STAGES: dict[str, StageSpec] = {
-    spec.kind: spec for spec in (local.SPEC, download.SPEC, caption.SPEC, encode.SPEC)
+    spec.kind: spec for spec in (local.SPEC, download.SPEC, caption.SPEC, encode.SPEC, validate.SPEC)
 }
 
 __all__ = ["STAGES", "StageSpec", "WorkContext"]
