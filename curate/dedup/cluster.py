@@ -126,6 +126,7 @@ def cluster(x: np.ndarray, params: DedupParams) -> Clustering:
             spherical=True,
             seed=params.seed,
             max_points_per_centroid=params.points_per_centroid,
+            min_points_per_centroid=1,  # small runs: fewer points per centroid is fine for partitioning
             gpu=bool(gpu),
         )
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))

@@ -7,9 +7,9 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import local
+from curate.stages import dedup, local, sscd
 from curate.stages.spec import StageSpec, WorkContext
 
-STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (local.SPEC,)}
+STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (local.SPEC, sscd.SPEC, dedup.SPEC)}
 
 __all__ = ["STAGES", "StageSpec", "WorkContext"]

@@ -43,6 +43,11 @@ class StageSpec:
     # (config, context) -> state loaded once per worker (a model); None makes it a plain task stage
     setup: Callable[[Any, WorkContext], Any] | None = None
     describe_inputs: Callable[[Any], str] = lambda config: ""
+    # (config, upstream stage folder or None, this stage's folder, context) -> None: a global step (one that
+    # needs all of the upstream output at once, such as dedup's clustering). The runner runs it once, as a
+    # Ray task with the stage's resources, before the shard tasks; it must write its results under
+    # `StageDir.global_uri`; the runner then writes `global_marker_uri`, so a resume skips it.
+    prepare: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
 
 
 def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:
