@@ -78,7 +78,7 @@ class SSCDModel:
         import torch
 
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            batch = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device, non_blocking=True)
             batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
             mean = torch.as_tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
             std = torch.as_tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
