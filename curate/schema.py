@@ -59,6 +59,7 @@ def parquet_options(table: pa.Table, target_row_group_bytes: int = 64 << 20) -> 
         "row_group_size": max(1, min(rows, target_row_group_bytes // per_row)),
     }
 
+
 # The `sscd` stage: one 512-d SSCD embedding per upstream row, stored as float16 in Arrow's canonical
 # fixed-shape tensor type (plain pyarrow gives (N, 512) numpy zero-copy, Ray Data gives an ndarray column).
 # Rows that are not `ok` carry an all-zero vector, never null: Ray Data cannot turn a tensor column

@@ -70,7 +70,13 @@ def build_sscd_torchscript(path: Path) -> Path:
 
 
 def run_dedup_pipeline(
-    images: Path, run: Path, model_path: str, *, shard_size: int = 8, sscd: dict | None = None, dedup: dict | None = None
+    images: Path,
+    run: Path,
+    model_path: str,
+    *,
+    shard_size: int = 8,
+    sscd: dict | None = None,
+    dedup: dict | None = None,
 ) -> dict:
     """local -> sscd -> dedup through the real runner; returns the stage records."""
     pipeline = {

@@ -16,8 +16,8 @@ from curate.dedup.cluster import (
     DedupParams,
     Pairs,
     brute_force_pairs,
-    default_clusters,
     dedup,
+    default_clusters,
     exact_groups,
     greedy,
     pair_recall,
@@ -47,8 +47,8 @@ def test_clustered_search_matches_brute_force_with_defaults():
 def test_default_clusters_grow_with_data():
     assert default_clusters(1) == 1
     assert default_clusters(40) == 10
-    assert default_clusters(100_000) == 632
-    assert default_clusters(1_000_000) == 2000
+    assert default_clusters(100_000) == 949
+    assert default_clusters(1_000_000) == 3000
     assert default_clusters(10**10) == 16_000
 
 
@@ -111,7 +111,11 @@ def test_dedup_stage_on_sample_images(demo_run: Path):
     names = {k: Path(u).name for k, u in zip(ingest["key"].to_pylist(), ingest["url"].to_pylist(), strict=True)}
     rows = {names[r["key"]]: r for r in table.to_pylist()}
     # broken files are counted with their reason, never kept, never crash
-    for name, status in [("empty.jpg", "empty_file"), ("truncated.jpg", "truncated"), ("not-an-image.jpg", "decode_error")]:
+    for name, status in [
+        ("empty.jpg", "empty_file"),
+        ("truncated.jpg", "truncated"),
+        ("not-an-image.jpg", "decode_error"),
+    ]:
         assert rows[name]["status"] == status and rows[name]["reason"] == "not_ok" and not rows[name]["keep"]
     # the planted copies are found: a crop and a smaller, heavily re-compressed copy
     dropped = {name for name, r in rows.items() if r["reason"] in ("near_duplicate", "exact_duplicate")}
@@ -124,7 +128,7 @@ def test_dedup_stage_on_sample_images(demo_run: Path):
     report = json.loads((demo_run / "dedup" / "_report" / "dedup_report.json").read_text())
     assert report["removed"] == len(dropped)
     assert report["fraction_removed"] == pytest.approx(len(dropped) / 28)
-    assert [r["threshold"] for r in report["threshold_analysis"]][0] == 0.5
+    assert report["threshold_analysis"][0]["threshold"] == 0.5
     fractions = [r["fraction_removed"] for r in report["threshold_analysis"]]
     assert fractions == sorted(fractions, reverse=True)  # a lower threshold never removes less
     assert (demo_run / "dedup" / "_report" / "dedup_report.png").stat().st_size > 1000
@@ -169,7 +173,9 @@ def test_notebook_shows_duplicate_groups(demo_run: Path):
     notebook = nbformat.read(path, as_version=4)
     os.environ["CURATE_RUN"] = str(demo_run)
     try:
-        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        ).execute()
     finally:
         os.environ.pop("CURATE_RUN", None)
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]

@@ -177,7 +177,7 @@ stages:
   - {kind: local, path: /tmp}
   - {kind: sscd}
 """
-    with pytest.raises(ConfigError, match="models.sscd.path"):
+    with pytest.raises(ConfigError, match=r"models\.sscd\.path"):
         parse_pipeline(text, "t.yaml")
 
 

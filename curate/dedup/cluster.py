@@ -2,7 +2,8 @@
 greedy keep/mark. No Ray and no files here, so the algorithm is testable and benchmarkable on its own.
 
 Method (Esser et al. 2024, App. E.2):
-1. spherical k-means (FAISS) on a sample of the L2-normalised embeddings into K clusters;
+1. spherical k-means (FAISS) on a sample of the L2-normalised embeddings into K clusters, then
+   ``refine_iters`` Lloyd iterations over all vectors (each one assignment pass);
 2. every vector assigned to its nearest centroid (optionally its ``assign_top`` nearest, so a pair split by
    a cluster boundary still meets in one cluster);
 3. inside each cluster an exact range search: all pairs with cosine similarity > ``threshold``;
@@ -16,6 +17,7 @@ With K ~ sqrt(N) both are ~N^1.5 x d multiply-adds (BLAS), versus N^2 x d for a 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +29,15 @@ MAX_CLUSTERS = 16_000  # SD3's K at their scale; beyond it clusters grow instead
 
 
 def default_clusters(n: int) -> int:
-    """K that grows with the data: 2*sqrt(N) (K=632 at 100k, 2,000 at 1M, 16,000 at 64M), at least 1.
+    """K that grows with the data: 3*sqrt(N) (949 at 100k, 3,000 at 1M, 16,000 from 28M on), at most N/4.
 
-    Chosen by measurement (docs/dedup.md): assignment costs N*K and the in-cluster search N*N/K, so
-    K ~ sqrt(N) balances them; the factor 2 keeps clusters small enough for the range search while top-2
-    assignment keeps boundary pairs. Capped at SD3's 16,000.
+    Chosen by measurement (docs/dedup.md, `bench/dedup.py --sweep`): assignment costs N*K and the
+    in-cluster search about N*N/K, so K ~ sqrt(N) balances them; with factor 3 and top-2 assignment pair
+    recall on structureless random vectors (the worst case) is >= 0.99. Capped at SD3's 16,000.
     """
     if n <= 1:
         return 1
-    return int(min(MAX_CLUSTERS, max(1, min(n // 4, round(2 * math.sqrt(n))))))
+    return int(min(MAX_CLUSTERS, max(1, min(n // 4, round(3 * math.sqrt(n))))))
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,12 @@ class DedupParams:
     threshold: float = 0.75  # cosine similarity; pairs strictly above it are duplicates
     clusters: int | None = None  # None: default_clusters(N)
     assign_top: int = 2  # clusters each vector joins (1: SD3's plain assignment)
-    points_per_centroid: int = 64  # k-means training sample = min(N, this * K)
-    niter: int = 20
+    points_per_centroid: int = 32  # k-means training sample = min(N, this * K)
+    niter: int = 10  # on the sample; the refine iterations over all vectors follow
+    refine_iters: int = 2  # Lloyd iterations over all vectors after training on the sample
     seed: int = 1234
     gpu: bool | None = None  # FAISS GPU k-means and assignment; None: when FAISS sees a GPU
-    threads: int = 1  # clusters searched at once; 1 measured fastest (BLAS already uses every core)
+    threads: int = 0  # clusters searched at once, each with single-threaded BLAS; 0: one per core
     block_rows: int = 4096  # rows per similarity block inside a large cluster (memory bound)
 
 
@@ -94,6 +97,15 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def _cores() -> int:
+    try:
+        import faiss
+
+        return max(1, faiss.omp_get_max_threads())  # honours OMP_NUM_THREADS, which Ray sets per task
+    except Exception:
+        return max(1, os.cpu_count() or 1)
+
+
 def gpu_available() -> bool:
     try:
         import faiss
@@ -133,18 +145,49 @@ def cluster(x: np.ndarray, params: DedupParams) -> Clustering:
         centroids = normalize(kmeans.centroids)
     seconds["kmeans"] = time.perf_counter() - started
     started = time.perf_counter()
-    index = faiss.IndexFlatIP(d)
-    if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(centroids)
-    assignment = np.empty((n, top), np.int64)
-    step = 262_144  # bounded memory for the float32 copy of a block
-    for start in range(0, n, step):
-        block = np.ascontiguousarray(x[start : start + step], dtype=np.float32)
-        _, labels = index.search(block, top)
-        assignment[start : start + step] = labels
+    for _ in range(params.refine_iters if k > 1 else 0):
+        centroids = _lloyd_step(x, centroids, _assign(x, centroids, 1, gpu)[:, 0])
+    seconds["refine"] = time.perf_counter() - started
+    started = time.perf_counter()
+    assignment = _assign(x, centroids, top, gpu)
     seconds["assign"] = time.perf_counter() - started
     return Clustering(centroids, assignment, seconds)
+
+
+_BLOCK = 262_144  # rows per block: bounds the float32 copy of fp16 input
+
+
+def _assign(x: np.ndarray, centroids: np.ndarray, top: int, gpu: bool) -> np.ndarray:
+    """The ``top`` nearest centroids (inner product) of every row, nearest first."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    assignment = np.empty((len(x), top), np.int64)
+    for start in range(0, len(x), _BLOCK):
+        _, labels = index.search(np.ascontiguousarray(x[start : start + _BLOCK], dtype=np.float32), top)
+        assignment[start : start + _BLOCK] = labels
+    return assignment
+
+
+def _lloyd_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One spherical k-means update over *all* rows (the sample-trained centroids only saw a sample).
+
+    Every row then pulls on its own centroid, which measurably keeps near-duplicates together
+    (docs/dedup.md); it costs one assignment pass. Empty clusters keep their centroid.
+    """
+    sums = np.zeros(centroids.shape, np.float64)
+    for start in range(0, len(x), _BLOCK):
+        block = np.asarray(x[start : start + _BLOCK], dtype=np.float32)
+        lab = labels[start : start + _BLOCK]
+        order = np.argsort(lab, kind="stable")
+        sorted_labels = lab[order]
+        starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+        sums[sorted_labels[starts]] += np.add.reduceat(block[order], starts, axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids).astype(np.float32)
 
 
 def members_by_cluster(assignment: np.ndarray, k: int) -> Iterator[np.ndarray]:
@@ -197,19 +240,27 @@ def unique_pairs(parts: list[Pairs], n: int) -> Pairs:
 
 
 def clustered_pairs(x: np.ndarray, clustering: Clustering, params: DedupParams) -> Pairs:
-    """Range search in every cluster; ``params.threads`` > 1 searches clusters in parallel threads."""
+    """Range search in every cluster, clusters in parallel threads with single-threaded BLAS each.
+
+    Measured: multi-threaded OpenBLAS on many small (hundreds of rows) products is up to 30x slower than
+    one BLAS thread per cluster when the cores are busy, and no faster when they are idle.
+    """
+    from threadpoolctl import threadpool_limits
+
     k = len(clustering.centroids)
-    threads = max(1, params.threads)
+    threads = params.threads or _cores()
     clusters = list(members_by_cluster(clustering.assignment, k))
     clusters.sort(key=len, reverse=True)  # big ones first so threads finish together
+
     def search(members: np.ndarray) -> Pairs:
         return range_search_members(x, members, params.threshold, params.block_rows)
 
-    if threads == 1:
-        parts = [search(m) for m in clusters]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(search, clusters))
+    with threadpool_limits(1, user_api="blas"):
+        if threads == 1:
+            parts = [search(m) for m in clusters]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(search, clusters))
     return unique_pairs(parts, len(x))
 
 

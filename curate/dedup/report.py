@@ -97,7 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- rows: {report['rows']:,} ({report['ok']:,} with an embedding)",
         f"- removed: {report['removed']:,} = {100 * report['fraction_removed']:.2f}% of embedded rows "
-        f"({report['exact_duplicates']:,} exact, {report['near_duplicates']:,} near at cosine > {report['threshold']:g})",
+        f"({report['exact_duplicates']:,} exact, {report['near_duplicates']:,} near "
+        f"at cosine > {report['threshold']:g})",
         f"- clusters: {report['clusters']['clusters']:,}; sizes {json.dumps(report['clusters'])}",
         f"- keep order: {report['order']}; assignment top-{report['assign_top']}",
         f"- seconds: {json.dumps(report['seconds'])}",

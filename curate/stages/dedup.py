@@ -12,7 +12,7 @@ Global by nature, so it runs in two steps:
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,10 +32,11 @@ class DedupConfig(StageConfig):
     kind: Literal["dedup"]
 
     threshold: float = Field(0.75, gt=-1.0, lt=1.0)  # cosine similarity; > threshold is a copy (SSCD: 0.75)
-    clusters: PositiveInt | None = None  # K; default 2*sqrt(N), at most 16,000 (SD3's K)
+    clusters: PositiveInt | None = None  # K; default 3*sqrt(N), at most 16,000 (SD3's K)
     assign_top: int = Field(2, ge=1, le=8)  # clusters each vector joins; 2 catches pairs split by a boundary
-    points_per_centroid: PositiveInt = 64  # k-means training sample = min(N, this * K)
-    niter: PositiveInt = 20
+    points_per_centroid: PositiveInt = 32  # k-means training sample = min(N, this * K)
+    niter: PositiveInt = 10  # k-means iterations on the sample
+    refine_iters: int = Field(2, ge=0)  # Lloyd iterations over all vectors afterwards (each one assignment pass)
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
     gpu: Literal["auto"] | bool = "auto"  # FAISS GPU k-means / assignment when importable and a GPU is visible
@@ -50,6 +51,7 @@ class DedupConfig(StageConfig):
             assign_top=self.assign_top,
             points_per_centroid=self.points_per_centroid,
             niter=self.niter,
+            refine_iters=self.refine_iters,
             seed=self.seed,
             gpu=None if self.gpu == "auto" else self.gpu,
         )
@@ -74,7 +76,9 @@ def keep_rank(order: str, keys: list[str], width: np.ndarray, height: np.ndarray
 def _read_upstream(upstream: StageDir) -> tuple[pa.Table, np.ndarray, list[int]]:
     tables, vectors, shards = [], [], []
     for index in sorted(upstream.done_shards()):
-        table = storage.read_parquet(upstream.shard(index), columns=["key", "sscd", "status", "width", "height", "sha256"])
+        table = storage.read_parquet(
+            upstream.shard(index), columns=["key", "sscd", "status", "width", "height", "sha256"]
+        )
         vectors.append(embedding_matrix(table["sscd"]))
         tables.append(table.drop_columns(["sscd"]))
         shards.append(index)
@@ -187,6 +191,9 @@ def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: A
     stage = StageDir(storage.join(context.run_uri, context.stage_name))
     table = storage.read_parquet(storage.join(stage.global_uri, shard_name(task.index) + ".parquet"))
     table = table.cast(DEDUP_SCHEMA)
+    upstream_keys = storage.read_parquet(upstream_uri, columns=["key"])["key"]
+    if not table["key"].equals(upstream_keys):  # the global step saw another version of the upstream shard
+        raise RuntimeError(f"dedup decisions for shard {task.index} do not match the keys of {upstream_uri}")
     keep = table["keep"].to_pylist()
     reasons = table["reason"].to_pylist()
     extra = {
@@ -198,7 +205,7 @@ def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: A
 
 
 def describe(config: DedupConfig) -> str:
-    k = config.clusters or "2*sqrt(N)"
+    k = config.clusters or "3*sqrt(N)"
     return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment, {config.order}"
 
 
