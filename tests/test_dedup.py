@@ -182,3 +182,33 @@ def test_notebook_shows_duplicate_groups(demo_run: Path):
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "duplicate groups" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_decide_with_no_embeddings_and_with_exact_copies():
+    from curate.stages.dedup import DedupConfig, decide
+
+    def table(status, sha, width):
+        n = len(status)
+        return pa.table(
+            {
+                "key": [f"k{i}" for i in range(n)],
+                "status": status,
+                "width": pa.array(width, pa.int32()),
+                "height": pa.array(width, pa.int32()),
+                "sha256": sha,
+            }
+        )
+
+    config = DedupConfig(kind="dedup")
+    columns, report = decide(config, table(["decode_error", "empty_file"], [None, None], [None, None]), np.zeros((2, 512)))
+    assert columns["keep"].tolist() == [False, False] and columns["reason"] == ["not_ok", "not_ok"]
+    assert report["removed"] == 0 and report["ok"] == 0
+    # three identical files and one other: the largest identical file is kept, the others point at it
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((4, 512)).astype(np.float16)
+    vectors[1] = vectors[2] = vectors[0]
+    columns, report = decide(config, table(["ok"] * 4, ["a", "a", "a", "b"], [10, 30, 20, 5]), vectors)
+    assert columns["keep"].tolist() == [False, True, False, True]
+    assert columns["dup_of"] == ["k1", None, "k1", None]
+    assert columns["reason"] == ["exact_duplicate", "kept", "exact_duplicate", "kept"]
+    assert report["exact_duplicates"] == 2 and report["near_duplicates"] == 0
