@@ -200,7 +200,9 @@ def test_decide_with_no_embeddings_and_with_exact_copies():
         )
 
     config = DedupConfig(kind="dedup")
-    columns, report = decide(config, table(["decode_error", "empty_file"], [None, None], [None, None]), np.zeros((2, 512)))
+    columns, report = decide(
+        config, table(["decode_error", "empty_file"], [None, None], [None, None]), np.zeros((2, 512))
+    )
     assert columns["keep"].tolist() == [False, False] and columns["reason"] == ["not_ok", "not_ok"]
     assert report["removed"] == 0 and report["ok"] == 0
     # three identical files and one other: the largest identical file is kept, the others point at it
