@@ -217,7 +217,10 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
         job = StageJob(stage.kind, stage, context)
         if spec.prepare is not None and not storage.exists(stage_dir.global_marker_uri):
             log(f"[{name}] global step")
-            summary = run_global_step(job, upstream, stage_dir)
+            try:
+                summary = run_global_step(job, upstream, stage_dir)
+            except Exception as e:
+                raise RunError(f"stage {name!r}: the global step failed; a re-run retries it.\n{e}") from e
             storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
         for result in _map_shards(spec, job, pending).iter_rows():
             if result["ok"]:

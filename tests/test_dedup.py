@@ -120,6 +120,10 @@ def test_dedup_stage_on_sample_images(demo_run: Path):
     # the planted copies are found: a crop and a smaller, heavily re-compressed copy
     dropped = {name for name, r in rows.items() if r["reason"] in ("near_duplicate", "exact_duplicate")}
     assert {"astronaut-crop.jpg", "coffee-small.jpg"} <= dropped
+    from curate.stages.dedup import kept_keys
+
+    kept = set().union(*(kept_keys(str(demo_run / "dedup"), i) for i in range(4)))
+    assert kept == {r["key"] for r in table.to_pylist() if r["keep"]}
     assert rows["astronaut-crop.jpg"]["dup_of"] == next(k for k, n in names.items() if n == "astronaut.jpg")
     distinct = ["brick.png", "grass.png", "gravel.png", "moon.png", "page.png", "text.png", "china.jpg", "flower.jpg"]
     assert all(rows[n]["keep"] for n in distinct)

