@@ -157,18 +157,39 @@ def cluster(x: np.ndarray, params: DedupParams) -> Clustering:
 _BLOCK = 262_144  # rows per block: bounds the float32 copy of fp16 input
 
 
-def _assign(x: np.ndarray, centroids: np.ndarray, top: int, gpu: bool) -> np.ndarray:
-    """The ``top`` nearest centroids (inner product) of every row, nearest first."""
-    import faiss
+def _assign(x: np.ndarray, centroids: np.ndarray, top: int, gpu: bool, threads: int = 0) -> np.ndarray:
+    """The ``top`` nearest centroids (inner product) of every row, nearest first.
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
+    GPU: a FAISS GPU flat index. CPU: blocks of rows times the centroids in a thread pool with one BLAS
+    thread each, then ``top`` argmax passes. Same result as FAISS IndexFlatIP.search; measured 2-5x faster
+    on 2 busy cores, where FAISS's OpenMP threads spin against other processes.
+    """
     if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        import faiss
+
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(centroids.shape[1]))
+        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        assignment = np.empty((len(x), top), np.int64)
+        for start in range(0, len(x), _BLOCK):
+            _, labels = index.search(np.ascontiguousarray(x[start : start + _BLOCK], dtype=np.float32), top)
+            assignment[start : start + _BLOCK] = labels
+        return assignment
+    from threadpoolctl import threadpool_limits
+
+    c = np.ascontiguousarray(centroids, dtype=np.float32).T
     assignment = np.empty((len(x), top), np.int64)
-    for start in range(0, len(x), _BLOCK):
-        _, labels = index.search(np.ascontiguousarray(x[start : start + _BLOCK], dtype=np.float32), top)
-        assignment[start : start + _BLOCK] = labels
+    step = 4096
+
+    def block(start: int) -> None:
+        sims = np.asarray(x[start : start + step], dtype=np.float32) @ c
+        rows = np.arange(len(sims))
+        for t in range(top):
+            best = sims.argmax(axis=1)
+            assignment[start : start + step, t] = best
+            sims[rows, best] = -np.inf
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads or _cores()) as pool:
+        list(pool.map(block, range(0, len(x), step)))
     return assignment
 
 
