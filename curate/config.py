@@ -314,6 +314,14 @@ def _resolve_models(
 
 
 def _local_model_exists(spec: ModelSpec) -> bool:
+    if spec.path is not None and spec.path.startswith("package://"):  # a file inside an installed package
+        from curate.models.paths import package_file
+
+        try:
+            package_file(spec.path)
+        except FileNotFoundError:
+            return False
+        return True
     if spec.path is None or not storage.is_local(spec.path):
         return True  # hub ids and remote URLs are checked when loaded, on the machine that loads them
     return storage.exists(spec.path)

@@ -8,6 +8,7 @@
         _plan.parquet               shard -> inputs, fixed on the stage's first run
         shard-00000.parquet         output shards, each renamed into place when complete
         _shards/shard-00000.json    completion marker with the shard's statistics (written last)
+        _global/                    a global step's results (dedup's clustering), _global/_DONE.json last
         _SUCCESS.json               the stage's record once every shard has its marker
 
 A shard counts as done only when its marker exists, so a crash between writing a shard and its marker
@@ -97,6 +98,15 @@ class StageDir:
 
     def read_record(self) -> dict[str, Any]:
         return storage.read_json(self.record_uri)
+
+    @property
+    def global_uri(self) -> str:
+        """Results of a stage's global step (StageSpec.prepare), read by its shard tasks."""
+        return storage.join(self.uri, "_global")
+
+    @property
+    def global_marker_uri(self) -> str:
+        return storage.join(self.uri, "_global", "_DONE.json")
 
     # -- progress ---------------------------------------------------------------------------------
     def done_shards(self) -> set[int]:

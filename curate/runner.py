@@ -125,6 +125,23 @@ def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
     )
 
 
+def _global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
+    spec = STAGES[job.kind]
+    assert spec.prepare is not None
+    return spec.prepare(job.config, upstream, stage_dir, job.context)
+
+
+def run_global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
+    """A stage's global step as one Ray task with the stage's resources (a GPU for FAISS when asked)."""
+    import ray
+
+    resources = job.config.resources
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 0}
+    if resources.memory:
+        options["memory"] = resources.memory
+    return ray.get(ray.remote(_global_step).options(**options).remote(job, upstream, stage_dir))
+
+
 def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
     """Rows each shard should have: the source's count (default one per input), the upstream shard's rows otherwise."""
     if upstream is None:
@@ -204,6 +221,13 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
         joined = {j: run.stage(j).uri for j in stage.join}
         context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
         job = StageJob(stage.kind, stage, context)
+        if spec.prepare is not None and not storage.exists(stage_dir.global_marker_uri):
+            log(f"[{name}] global step")
+            try:
+                summary = run_global_step(job, upstream, stage_dir)
+            except Exception as e:
+                raise RunError(f"stage {name!r}: the global step failed; a re-run retries it.\n{e}") from e
+            storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
         for result in _map_shards(spec, job, pending).iter_rows():
             if result["ok"]:
                 progress.update(int(result["rows"]))

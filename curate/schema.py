@@ -58,3 +58,55 @@ def parquet_options(table: pa.Table, target_row_group_bytes: int = 64 << 20) -> 
         "use_dictionary": dictionary,
         "row_group_size": max(1, min(rows, target_row_group_bytes // per_row)),
     }
+
+
+# The `sscd` stage: one 512-d SSCD embedding per upstream row, stored as float16 in Arrow's canonical
+# fixed-shape tensor type (plain pyarrow gives (N, 512) numpy zero-copy, Ray Data gives an ndarray column).
+# Rows that are not `ok` carry an all-zero vector, never null: Ray Data cannot turn a tensor column
+# with nulls into numpy.
+SSCD_DIMS = 512
+SSCD_TYPE = pa.fixed_shape_tensor(pa.float16(), [SSCD_DIMS])
+SSCD_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("sscd", SSCD_TYPE, nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),
+    ]
+)
+
+# The `dedup` stage: the keep/drop decision for every row of the sscd stage.
+DEDUP_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("cluster", pa.int32()),  # nearest k-means centroid; -1 when the row has no embedding
+        pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("dup_of", pa.string()),  # key of the kept row this one duplicates; null when kept
+        pa.field("similarity", pa.float32()),  # cosine similarity to dup_of (1.0 for exact copies)
+        pa.field("reason", pa.string()),  # kept | exact_duplicate | near_duplicate | not_ok
+        pa.field("status", pa.string(), nullable=False),  # the sscd row's status (ok or why not)
+    ]
+)
+
+
+def embedding_array(vectors: Any) -> pa.ExtensionArray:
+    """(N, 512) float16 numpy -> canonical fixed-shape tensor array."""
+    import numpy as np
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> Any:
+    """A fixed-shape tensor column -> (N, *shape) numpy array."""
+    import numpy as np
+
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            shape = column.type.shape
+            return np.zeros((0, *shape), column.type.value_type.to_pandas_dtype())
+        column = column.combine_chunks()
+    return column.to_numpy_ndarray()

