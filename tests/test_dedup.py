@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _dedup_support import ONNX_SSCD, ray_session_dedup, run_dedup_pipeline
+from _dedup_support import ONNX_SSCD, run_dedup_pipeline
 
 from curate.dedup.cluster import (
     DedupParams,
@@ -24,8 +24,6 @@ from curate.dedup.cluster import (
     planted_vectors,
 )
 from curate.stages.dedup import keep_rank
-
-__all__ = ["ray_session_dedup"]
 
 
 def test_clustered_search_matches_brute_force_with_defaults():
@@ -92,7 +90,7 @@ def _read_stage(run: Path, stage: str) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, ray_session_dedup) -> Path:
+def demo_run(tmp_path_factory, ray_cluster) -> Path:
     from curate.samples import write_samples
 
     root = tmp_path_factory.mktemp("dedup-demo")
@@ -154,7 +152,7 @@ def test_sscd_column_reads_in_pyarrow_ray_and_numpy(demo_run: Path):
     assert np.array_equal(batch["sscd"], matrix)
 
 
-def test_dedup_resume_redoes_only_missing_shards(demo_run: Path, ray_session_dedup):
+def test_dedup_resume_redoes_only_missing_shards(demo_run: Path, ray_cluster):
     stage = demo_run / "dedup"
     global_marker = stage / "_global" / "_DONE.json"
     before = global_marker.read_text()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import pyarrow as pa
 from conftest import REPO
 
 from curate.stages import STAGES
@@ -17,8 +19,16 @@ def documented_columns(kind: str) -> dict[str, str]:
     return dict(rows)
 
 
+def readable_type(arrow_type: pa.DataType) -> str:
+    """Arrow's name for a type, except the tensor extension, written as fixed_shape_tensor(float16, [512])."""
+    if isinstance(arrow_type, pa.FixedShapeTensorType):
+        value = np.dtype(arrow_type.value_type.to_pandas_dtype()).name
+        return f"fixed_shape_tensor({value}, {list(arrow_type.shape)})"
+    return {"halffloat": "float16", "float": "float32", "double": "float64"}.get(str(arrow_type), str(arrow_type))
+
+
 def test_every_stage_schema_is_documented():
     for kind, spec in STAGES.items():
-        documented = documented_columns(kind)
-        written = {field.name: str(field.type) for field in spec.schema}
+        documented = {name: kind.removesuffix(", not null") for name, kind in documented_columns(kind).items()}
+        written = {field.name: readable_type(field.type) for field in spec.schema}
         assert documented == written, f"docs/schema.md section '{kind}' differs from the code"

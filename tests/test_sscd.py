@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _dedup_support import ONNX_SSCD, build_sscd_torchscript, ray_session_dedup, run_dedup_pipeline
+from _dedup_support import ONNX_SSCD, build_sscd_torchscript, run_dedup_pipeline
 from PIL import Image, ImageDraw, ImageEnhance
 
 from curate.config import ConfigError, ModelSpec, parse_pipeline
@@ -20,8 +20,6 @@ from curate.runfolder import ShardTask
 from curate.schema import IMAGE_SCHEMA
 from curate.stages.spec import WorkContext
 from curate.stages.sscd import SscdConfig, process, setup
-
-__all__ = ["ray_session_dedup"]
 
 # Distinct real photographs and scans (scikit-image / scikit-learn); textures of one kind included on purpose.
 ORIGINALS = [
@@ -89,7 +87,7 @@ def _tables(run: Path, stage: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in sorted((run / stage).glob("shard-*.parquet"))])
 
 
-def test_int8_sscd_finds_augmented_copies_and_keeps_distinct_images(copies_folder, tmp_path, ray_session_dedup):
+def test_int8_sscd_finds_augmented_copies_and_keeps_distinct_images(copies_folder, tmp_path, ray_cluster):
     folder, truth = copies_folder
     run = tmp_path / "run"
     run_dedup_pipeline(folder, run, ONNX_SSCD, shard_size=16)
@@ -111,7 +109,7 @@ def test_int8_sscd_finds_augmented_copies_and_keeps_distinct_images(copies_folde
     assert {truth[f] for f in kept} == set(ORIGINALS)  # every original image survives once at least
 
 
-def test_torchscript_sscd_through_the_stages(tmp_path, ray_session_dedup):
+def test_torchscript_sscd_through_the_stages(tmp_path, ray_cluster):
     from curate.samples import write_samples
 
     model = build_sscd_torchscript(tmp_path / "sscd_disc_mixup.torchscript.pt")
