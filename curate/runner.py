@@ -143,10 +143,13 @@ def run_global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDi
 
 
 def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
-    """Rows each shard should have: the source's count (default one per input), the upstream shard's rows otherwise."""
+    """Rows each shard should have (for progress): the stage's own count when it has one, else one per input
+    for sources and the upstream shard's rows for transforms."""
+    count = STAGES[stage.kind].task_rows
+    if count is not None:
+        return {t.index: count(stage, t) for t in tasks}
     if upstream is None:
-        count = STAGES[stage.kind].task_rows or (lambda task: len(task.inputs))
-        return {t.index: count(t) for t in tasks}
+        return {t.index: len(t.inputs) for t in tasks}
     rows = {s.shard: s.rows for s in upstream.shard_stats()}
     return {t.index: rows.get(t.index, 0) for t in tasks}
 

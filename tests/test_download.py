@@ -447,7 +447,7 @@ def test_plan_cuts_lists_into_exact_row_ranges(tmp_path):
         plan(config, None)
     config = DownloadConfig(kind="download", urls=[str(tmp_path / "list.csv")], url_column="url", shard_size=3)
     (task,) = plan(config, None)
-    assert task.inputs == (f"{tmp_path / 'list.csv'}#0:2",) and task_rows(task) == 2
+    assert task.inputs == (f"{tmp_path / 'list.csv'}#0:2",) and task_rows(config, task) == 2
     table = inputs.read_rows(str(tmp_path / "list.csv"), "csv", 0, 2)
     assert table["caption"].to_pylist() == ["two\nlines", "x"]
 

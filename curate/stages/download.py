@@ -196,7 +196,7 @@ def plan(config: DownloadConfig, upstream: StageDir | None) -> list[ShardTask]:
     return [ShardTask(i, tuple(r.encode() for r in ranges)) for i, ranges in enumerate(shards)]
 
 
-def task_rows(task: ShardTask) -> int:
+def task_rows(config: DownloadConfig, task: ShardTask) -> int:
     return sum(inputs.RowRange.decode(item).rows for item in task.inputs)
 
 

@@ -56,8 +56,9 @@ class StageSpec:
     # (config, context) -> state loaded once per worker (a model); None makes it a plain task stage
     setup: Callable[[Any, WorkContext], Any] | None = None
     describe_inputs: Callable[[Any], str] = lambda config: ""
-    # task -> rows it will produce, for sources whose inputs are not one row each (row ranges); progress only
-    task_rows: Callable[[ShardTask], int] | None = None
+    # (config, task) -> rows the shard will have, where that is not one per input (sources) or one per upstream
+    # row (transforms): row ranges of URL lists, samples of validate. Progress only.
+    task_rows: Callable[[Any, ShardTask], int] | None = None
     # (config, upstream stage folder or None, this stage's folder, context) -> None: a global step (one that
     # needs all of the upstream output at once, such as dedup's clustering). The runner runs it once, as a
     # Ray task with the stage's resources, before the shard tasks; it must write its results under

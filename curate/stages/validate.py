@@ -91,11 +91,11 @@ def process(config: ValidateConfig, task: ShardTask, context: WorkContext, state
     device = pick_device(train_config.device)
     model = load_trained(result.checkpoint, ema=True).to(device)
 
-    prompts, sources, embeds, pooled = _conditions(config, context, shards)
+    prompts, sources, embeds, pooled = _conditions(config, context, shards, model.config.joint_attention_dim)
     rows: list[dict[str, Any]] = []
     images: list[Any] = []
     if prompts:
-        negative, negative_pooled = _negative(config, context, embeds, pooled)
+        negative, negative_pooled = _negative(config, context, embeds, pooled, model.config.joint_attention_dim)
         height, width = _resolution(shards)
         latents = sample_latents(
             model,
@@ -140,7 +140,9 @@ def _first_rows(shards: str, count: int) -> dict[str, Any]:
     return next(iter(ShardDataset(shards, batch_size=count, shuffle=False, synthetic=False)))
 
 
-def _conditions(config: ValidateConfig, context: WorkContext, shards: str) -> tuple[list[str], list[str], Any, Any]:
+def _conditions(
+    config: ValidateConfig, context: WorkContext, shards: str, width: int
+) -> tuple[list[str], list[str], Any, Any]:
     """Prompts to sample and their joined SD3 conditioning: shard captions (stored embeddings) first."""
     import torch
 
@@ -150,13 +152,13 @@ def _conditions(config: ValidateConfig, context: WorkContext, shards: str) -> tu
     prompts, sources, embeds, pooled = [], [], [], []
     if config.shard_prompts:
         rows = _first_rows(shards, config.shard_prompts)
-        joined, joined_pooled = join_sd3(text_embeddings(rows))
+        joined, joined_pooled = join_sd3(text_embeddings(rows), width=width)
         prompts += [caption or "" for caption in rows["caption"]]
         sources += ["shards"] * len(rows["caption"])
         embeds.append(joined.float())
         pooled.append(joined_pooled.float())
     if config.prompts:
-        joined, joined_pooled = _encode_prompts(context, list(config.prompts))
+        joined, joined_pooled = _encode_prompts(context, list(config.prompts), width)
         prompts += list(config.prompts)
         sources += ["config"] * len(config.prompts)
         embeds.append(joined)
@@ -166,30 +168,35 @@ def _conditions(config: ValidateConfig, context: WorkContext, shards: str) -> tu
     return prompts, sources, torch.cat(embeds), torch.cat(pooled)
 
 
-def _encode_prompts(context: WorkContext, prompts: list[str]) -> tuple[Any, Any]:
+def _encode_prompts(context: WorkContext, prompts: list[str], width: int) -> tuple[Any, Any]:
     """Prompts through the pipeline's own text encoders, joined the SD3 way."""
     from curate.encode.models import encode_text, load_text_encoders
     from curate.train.conditioning import TextEmbeddings, join_sd3
 
     out = encode_text(load_text_encoders(context.models, "cpu"), prompts)
-    pooled = out.pooled.float()
+    pooled, split = out.pooled.float(), out.clip_l.shape[-1]  # pooled is concat(CLIP-L, bigG)
     t5 = None if out.t5 is None else out.t5.float()
-    text = TextEmbeddings(out.clip_l.float(), pooled[:, :768], out.clip_g.float(), pooled[:, 768:], t5)
-    return join_sd3(text)
+    text = TextEmbeddings(out.clip_l.float(), pooled[:, :split], out.clip_g.float(), pooled[:, split:], t5)
+    return join_sd3(text, width=width)
 
 
-def _negative(config: ValidateConfig, context: WorkContext, embeds: Any, pooled: Any) -> tuple[Any, Any]:
+def _negative(config: ValidateConfig, context: WorkContext, embeds: Any, pooled: Any, width: int) -> tuple[Any, Any]:
     import torch
 
     if config.negative_prompt is None:
         return torch.zeros_like(embeds), torch.zeros_like(pooled)
-    negative, negative_pooled = _encode_prompts(context, [config.negative_prompt])
+    negative, negative_pooled = _encode_prompts(context, [config.negative_prompt], width)
     return negative.expand(embeds.shape[0], -1, -1), negative_pooled.expand(pooled.shape[0], -1)
 
 
 def _resolution(shards: str) -> tuple[int, int]:
     _, _, h, w = _first_rows(shards, 1)["latent"].shape
     return h * 8, w * 8
+
+
+def task_rows(config: ValidateConfig, task: ShardTask) -> int:
+    """One row per sample (the shard prompts may be fewer when the first row group is smaller)."""
+    return config.shard_prompts + len(config.prompts)
 
 
 def describe(config: ValidateConfig) -> str:
@@ -205,4 +212,5 @@ SPEC = StageSpec(
     plan=plan,
     process=process,
     describe_inputs=describe,
+    task_rows=task_rows,
 )

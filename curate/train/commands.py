@@ -73,19 +73,20 @@ def sample_command(
     models = models_of_run(run)
     device = pick_device("auto")
     encoders = load_text_encoders(models, str(device))
+    model = load_trained(Path(checkpoint), ema=ema).to(device)
 
     def condition(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         out = encode_text(encoders, texts)
-        pooled = out.pooled.float()
+        pooled, split = out.pooled.float(), out.clip_l.shape[-1]  # pooled is concat(CLIP-L, bigG)
         t5 = None if out.t5 is None else out.t5.float()
-        return join_sd3(TextEmbeddings(out.clip_l.float(), pooled[:, :768], out.clip_g.float(), pooled[:, 768:], t5))
+        text = TextEmbeddings(out.clip_l.float(), pooled[:, :split], out.clip_g.float(), pooled[:, split:], t5)
+        return join_sd3(text, width=model.config.joint_attention_dim)
 
     embeds, pooled = condition(prompts)
     if negative_prompt is None:
         negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
         negative, negative_pooled = (t.expand(len(prompts), *t.shape[1:]) for t in condition([negative_prompt]))
-    model = load_trained(Path(checkpoint), ema=ema).to(device)
     height, width = size
     latents = sample_latents(
         model,

@@ -31,13 +31,18 @@ class TextEmbeddings:
         return TextEmbeddings(**{k: None if v is None else v.to(device, dtype) for k, v in moved.items()})
 
 
-def join_sd3(text: TextEmbeddings, t5_tokens: int = 77, t5_dim: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [B, 77 + t5_tokens, 4096], pooled [B, 2048]) as encode_prompt returns them."""
+def join_sd3(text: TextEmbeddings, t5_tokens: int = 77, width: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds [B, 77 + t5_tokens, W], pooled [B, L + G]) as encode_prompt returns them.
+
+    W is T5's width when T5 is present, else ``width`` (the transformer's joint_attention_dim, 4096 for
+    SD3), which is also what the CLIP states are zero-padded to."""
+    if text.t5 is not None:
+        width = text.t5.shape[-1]
     clip = torch.cat([text.clip_l, text.clip_g], dim=-1)
-    clip = torch.nn.functional.pad(clip, (0, t5_dim - clip.shape[-1]))
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
     t5 = text.t5
     if t5 is None:
-        t5 = torch.zeros(clip.shape[0], t5_tokens, t5_dim, dtype=clip.dtype, device=clip.device)
+        t5 = torch.zeros(clip.shape[0], t5_tokens, width, dtype=clip.dtype, device=clip.device)
     return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([text.clip_l_pooled, text.clip_g_pooled], dim=-1)
 
 

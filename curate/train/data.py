@@ -8,16 +8,17 @@ from typing import Any
 from curate.train.conditioning import TextEmbeddings
 from curate.train.loop import TrainBatch
 
-CLIP_L_POOLED = 768  # the stored pooled vector is concat(CLIP-L 768, bigG 1280)
-
 
 def text_embeddings(batch: dict[str, Any], suffix: str = "") -> TextEmbeddings:
+    """Split the stored pooled vector, concat(CLIP-L, bigG), at CLIP-L's width: SD3's CLIP projections have
+    their encoder's hidden size (768 and 1280), so the split point is the width of the CLIP-L states."""
     pooled = batch["pooled" + suffix]
+    clip_l = batch["clip_l" + suffix]
     return TextEmbeddings(
-        clip_l=batch["clip_l" + suffix],
-        clip_l_pooled=pooled[:, :CLIP_L_POOLED],
+        clip_l=clip_l,
+        clip_l_pooled=pooled[:, : clip_l.shape[-1]],
         clip_g=batch["clip_g" + suffix],
-        clip_g_pooled=pooled[:, CLIP_L_POOLED:],
+        clip_g_pooled=pooled[:, clip_l.shape[-1] :],
         t5=batch.get("t5" + suffix),
     )
 
@@ -48,8 +49,12 @@ class ShardBatches:
 
         self.dataset = ShardDataset(source, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         self.loader = ShardLoader(self.dataset, num_workers=num_workers)
-        self.scaling_factor = float(self.dataset.info.encode["scaling_factor"])
-        self.shift_factor = float(self.dataset.info.encode["shift_factor"])
+        encode = self.dataset.info.encode
+        self.scaling_factor = float(encode["scaling_factor"])
+        self.shift_factor = float(encode["shift_factor"])
+        self.joint_attention_dim = int(encode["joint_attention_dim"])
+        self.pooled_dim = int(self.dataset.info.shapes["pooled"][0])
+        self.latent_channels = int(encode["latent_channels"])
 
     def __iter__(self) -> Iterator[TrainBatch]:
         while True:

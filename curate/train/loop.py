@@ -48,6 +48,9 @@ class BatchSource(Protocol):
 
     scaling_factor: float
     shift_factor: float
+    joint_attention_dim: int  # width of the joint text sequence (T5's d_model; 4096 for SD3)
+    pooled_dim: int  # width of the pooled text vector (2048 for SD3)
+    latent_channels: int
 
     def __iter__(self) -> Iterator[TrainBatch]: ...
 
@@ -69,6 +72,10 @@ class MemoryBatches:
         self.position = 0
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
+        first = batches[0].original
+        self.joint_attention_dim = first.t5.shape[-1] if first.t5 is not None else 4096
+        self.pooled_dim = first.clip_l_pooled.shape[-1] + first.clip_g_pooled.shape[-1]
+        self.latent_channels = batches[0].latent.shape[1]
 
     def __iter__(self) -> Iterator[TrainBatch]:
         while True:
@@ -111,7 +118,7 @@ def flow_loss(
     size = x0.shape[0]
     text, _ = mix_captions(batch.original, batch.synthetic, batch.has_synthetic, config.synthetic_ratio, generator)
     text, _ = drop_encoders(text, config.encoder_dropout, generator)
-    prompt_embeds, pooled = join_sd3(text.to(device, torch.float32))
+    prompt_embeds, pooled = join_sd3(text.to(device, torch.float32), width=model.config.joint_attention_dim)
     t = sample_timesteps(
         size, generator, config.timestep_sampling, config.logit_mean, config.logit_std, config.mode_scale
     )
@@ -148,7 +155,13 @@ def train(
     if config.pretrained is not None:
         model = load_transformer(config.pretrained)
     else:
-        model = build_mmdit(config.depth, seed=config.seed)
+        model = build_mmdit(
+            config.depth,
+            seed=config.seed,
+            in_channels=data.latent_channels,
+            joint_attention_dim=data.joint_attention_dim,
+            pooled_projection_dim=data.pooled_dim,
+        )
     model.to(device).train()
     ema = make_ema(model)
     optimizer = torch.optim.AdamW(
