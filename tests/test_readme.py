@@ -61,6 +61,15 @@ def test_readme_demo_command_on_a_fresh_clone(tmp_path):
         env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((clone / "runs" / "demo" / "ingest" / "_SUCCESS.json").read_text())
+    run = clone / "runs" / "demo"
+    record = json.loads((run / "ingest" / "_SUCCESS.json").read_text())
     assert record["rows"] == 31 and record["status"]["ok"] == 28
+    for stage in ("sscd", "dedup", "caption", "encode", "validate"):  # every stage ran to completion
+        assert (run / stage / "_SUCCESS.json").is_file(), stage
+    dedup = json.loads((run / "dedup" / "_SUCCESS.json").read_text())
+    encode = json.loads((run / "encode" / "_SUCCESS.json").read_text())
+    assert encode["status"]["skipped_duplicate"] >= 2  # the exact (cat = chelsea) and near copies were dropped
+    assert dedup["rows"] == encode["rows"] == 31  # nothing lost between stages
+    report = (run / "validate" / "report.md").read_text()
+    assert "## Samples" in report and (run / "validate" / "samples.png").is_file()
     assert "embedded local Ray" in result.stderr
