@@ -243,6 +243,7 @@ def sd3_sized_shard(folder: Path, n: int, base: int, seed: int = 0) -> str:
         "scaling_factor": 1.5305,
         "shift_factor": 0.0609,
         "vae_factor": 8,
+        "latent_channels": 16,
         "joint_attention_dim": 4096,
         "max_sequence_length": 77,
         "row_groups": [{"bucket": b, "rows": r} for b, r in zip(buckets, sizes, strict=True)],

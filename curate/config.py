@@ -93,6 +93,8 @@ class StageConfig(Strict):
 
     # Set by subclasses: model roles the stage loads, and whether it reads an upstream stage.
     model_roles: ClassVar[tuple[str, ...]] = ()
+    # Roles used when the pipeline defines them (T5 in SD3 is optional): checked like the others if present.
+    optional_model_roles: ClassVar[tuple[str, ...]] = ()
     is_source: ClassVar[bool] = False
     input: str | None = None  # upstream stage name; default: the stage before this one
     # Earlier stages whose shard i is read beside upstream shard i and joined on `key` (shards keep 1:1
@@ -371,6 +373,7 @@ def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = 
 def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source: _Source) -> list[str]:
     problems = []
     seen: list[str] = []
+    reported: set[str] = set()  # a missing model file is named once, however many stages use it
     for i, stage in enumerate(stages):
         path = ("stages", i)
         name = stage.stage_name
@@ -403,13 +406,14 @@ def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source
                     f"{source.where(where)}: {format_path(where)}: no earlier stage named {joined!r} to join "
                     f"(earlier: {', '.join(seen) or 'none'})"
                 )
-        for role in stage.model_roles:
+        for role in stage.model_roles + tuple(r for r in stage.optional_model_roles if r in models):
             if role not in models:
                 problems.append(
                     f"{source.where(path)}: {format_path(path)}: stage {name!r} needs model {role!r}, "
                     f"which the pipeline's models do not define (defined: {', '.join(sorted(models)) or 'none'})"
                 )
-            elif not _local_model_exists(models[role]):
+            elif role not in reported and not _local_model_exists(models[role]):
+                reported.add(role)
                 problems.append(
                     f"{source.where(('models', role))}: models.{role}.path: no such file or folder: {models[role].path}"
                 )

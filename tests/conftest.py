@@ -36,6 +36,16 @@ def sample_images(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """The demo's model folder as `curate tiny-models` writes it (captioner, SD3 encoders and VAE)."""
+    from curate.testing.tiny_models import build_tiny_models
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    build_tiny_models(folder)
+    return folder
+
+
 @pytest.fixture
 def images_copy(sample_images, tmp_path) -> Path:
     """A private copy of the samples that a test may change."""

@@ -176,16 +176,32 @@ def test_cli_bad_config_exits_2_before_any_work(tmp_path, sample_images):
     assert not out.exists()
 
 
-def test_shipped_pipelines_check_without_work(tmp_path, sample_images):
+def test_shipped_pipelines_check_without_work(tmp_path, sample_images, tiny_models):
     """`curate check` validates every shipped pipeline and prints its plan, touching nothing."""
     (tmp_path / "demo-data").mkdir()
     (tmp_path / "demo-data" / "images").symlink_to(sample_images)
+    (tmp_path / "demo-data" / "models").symlink_to(tiny_models)
     for path in sorted((REPO / "pipelines").glob("*.yaml")):
         result = curate_cli("check", str(path), cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert f"pipeline {path.stem}" in result.stdout and ": valid" in result.stdout
         assert "resources:" in result.stdout and "output:" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-data"]  # no run folder was made
+
+
+def test_missing_demo_models_are_named_once_each(tmp_path, sample_images):
+    (tmp_path / "demo-data").mkdir()
+    (tmp_path / "demo-data" / "images").symlink_to(sample_images)
+    result = curate_cli("check", str(REPO / "pipelines" / "demo.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    problems = [line for line in result.stderr.splitlines() if "no such file or folder" in line]
+    assert sorted(p.split(": ")[1] for p in problems) == [
+        "models.captioner.path",
+        "models.clip_g.path",
+        "models.clip_l.path",
+        "models.t5.path",
+        "models.vae.path",
+    ]
 
 
 def test_caption_table_columns_are_checked(tmp_path, sample_images):

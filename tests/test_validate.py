@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from encode_helpers import models_yaml
+from encode_helpers import ENCODE_STAGES, PIPELINE, models_yaml
 from PIL import Image
 
 from curate.config import parse_pipeline
@@ -18,28 +18,18 @@ pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, encoded_run
 
 def test_validate_trains_samples_and_reports(encoded_run, sample_images):
     run = encoded_run["run"]
-    text = f"""\
-name: validate-test
-output: {run}
-{models_yaml(encoded_run["models"])}
-stages:
-  - {{kind: local, name: ingest, path: {sample_images}, shard_size: 8}}
-  - kind: encode
-    name: encode16
-    input: ingest
-    join: [dedup, caption]
-    keep_from: dedup
-    dtype: float16
-    base_resolution: 256
-    row_group_bytes: 200000
-    resources: {{batch_size: 4}}
+    validate = """\
   - kind: validate
-    train: {{depth: 2, steps: 12, batch_size: 4, learning_rate: 0.001, checkpoint_every: 6, log_every: 6}}
+    input: encode16
+    train: {depth: 2, steps: 12, batch_size: 4, learning_rate: 0.001, checkpoint_every: 6, log_every: 6}
     shard_prompts: 3
     prompts: ["a cat on a table"]
     negative_prompt: "blurry"
     sample_steps: 3
 """
+    text = PIPELINE.format(
+        out=run, images=sample_images, models=models_yaml(encoded_run["models"]), encode=ENCODE_STAGES + validate
+    )
     records = run_pipeline(parse_pipeline(text), only=["validate"], log=lambda line: None)
     record = records["validate"]
     assert record["rows"] == 4 and record["status"] == {"ok": 4}

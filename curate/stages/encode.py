@@ -63,6 +63,7 @@ ENCODE_SCHEMA = pa.schema(
 class EncodeConfig(StageConfig):
     kind: Literal["encode"]
     model_roles: ClassVar[tuple[str, ...]] = ("vae", "clip_l", "clip_g")
+    optional_model_roles: ClassVar[tuple[str, ...]] = ("t5",)
 
     base_resolution: PositiveInt = Field(1024, description="buckets have about base_resolution**2 pixels")
     side_multiple: PositiveInt = 64  # bucket sides are multiples of this (VAE factor 8 x patch 2 at least)

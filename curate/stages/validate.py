@@ -41,6 +41,7 @@ class ValidateConfig(StageConfig):
     kind: Literal["validate"]
     # the VAE decodes samples; configured prompts (not shard prompts) also need clip_l / clip_g (/ t5)
     model_roles: ClassVar[tuple[str, ...]] = ("vae",)
+    optional_model_roles: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g", "t5")
 
     train: TrainSettings = TrainSettings(steps=300, batch_size=8, learning_rate=5e-4, checkpoint_every=100)
     shard_prompts: int = Field(4, ge=0)  # captions taken from the shards, sampled with their stored embeddings
