@@ -196,7 +196,7 @@ class _Source:
         return f"{self.name}:{line}" if line else self.name
 
 
-def _load_yaml(text: str, name: str) -> tuple[Any, _Source]:
+def load_yaml(text: str, name: str) -> tuple[Any, _Source]:
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -226,7 +226,7 @@ def _describe_error(error: dict[str, Any]) -> str:
     return f"{error['msg']} (got {shown})"
 
 
-def _pydantic_problems(
+def pydantic_problems(
     error: ValidationError, prefix: tuple[Any, ...], source: _Source, allowed: Iterable[str] = ()
 ) -> list[str]:
     problems = []
@@ -292,7 +292,7 @@ def _resolve_models(
                 f"(looked for configs/models/{preset_ref}.yaml; available: {known})"
             )
         else:
-            preset_data, preset_source = _load_yaml(preset_path.read_text(), str(preset_path))
+            preset_data, preset_source = load_yaml(preset_path.read_text(), str(preset_path))
             if not isinstance(preset_data, dict):
                 problems.append(f"{preset_path}: a model preset is a mapping of role -> model")
             else:
@@ -308,7 +308,7 @@ def _resolve_models(
         try:
             models[role] = ModelSpec(**spec)
         except ValidationError as e:
-            problems += _pydantic_problems(e, path, where, ModelSpec.model_fields)
+            problems += pydantic_problems(e, path, where, ModelSpec.model_fields)
     return models, (str(preset_ref) if preset_ref is not None else None), problems
 
 
@@ -334,13 +334,13 @@ def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = 
     from curate.stages import STAGES  # the registry imports this module
 
     pipeline_file = (base_dir or Path.cwd()) / Path(name).name
-    data, source = _load_yaml(text, name)
+    data, source = load_yaml(text, name)
     if not isinstance(data, dict):
         raise ConfigError(name, [f"{name}: a pipeline is a mapping with name, output and stages"])
     try:
         top = _PipelineFile(**data)
     except ValidationError as e:
-        raise ConfigError(name, _pydantic_problems(e, (), source, _PipelineFile.model_fields)) from None
+        raise ConfigError(name, pydantic_problems(e, (), source, _PipelineFile.model_fields)) from None
 
     problems: list[str] = []
     models, preset, model_problems = _resolve_models(top.models, pipeline_file, source)
@@ -361,7 +361,7 @@ def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = 
         try:
             stages.append(config_class(**raw))
         except ValidationError as e:
-            problems += _pydantic_problems(e, path, source, config_class.model_fields)
+            problems += pydantic_problems(e, path, source, config_class.model_fields)
 
     if not problems:
         problems += _check_graph(stages, models, source)

@@ -172,13 +172,11 @@ def _conditions(
 def _encode_prompts(context: WorkContext, prompts: list[str], width: int) -> tuple[Any, Any]:
     """Prompts through the pipeline's own text encoders, joined the SD3 way."""
     from curate.encode.models import encode_text, load_text_encoders
-    from curate.train.conditioning import TextEmbeddings, join_sd3
+    from curate.train.conditioning import join_sd3
+    from curate.train.data import from_encoder_output
 
     out = encode_text(load_text_encoders(context.models, "cpu"), prompts)
-    pooled, split = out.pooled.float(), out.clip_l.shape[-1]  # pooled is concat(CLIP-L, bigG)
-    t5 = None if out.t5 is None else out.t5.float()
-    text = TextEmbeddings(out.clip_l.float(), pooled[:, :split], out.clip_g.float(), pooled[:, split:], t5)
-    return join_sd3(text, width=width)
+    return join_sd3(from_encoder_output(out), width=width)
 
 
 def _negative(config: ValidateConfig, context: WorkContext, embeds: Any, pooled: Any, width: int) -> tuple[Any, Any]:

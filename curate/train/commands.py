@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from curate.config import ConfigError, ModelSpec, _load_yaml, _pydantic_problems
+from curate.config import ConfigError, ModelSpec, load_yaml, pydantic_problems
 from curate.train.settings import TrainConfig
 
 
@@ -17,11 +17,11 @@ def load_train_config(path: str) -> TrainConfig:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(path, [f"{path}: no such trainer config"])
-    data, source = _load_yaml(file.read_text(), path)
+    data, source = load_yaml(file.read_text(), path)
     try:
         config = TrainConfig(**(data or {}))
     except ValidationError as e:
-        raise ConfigError(path, _pydantic_problems(e, (), source, TrainConfig.model_fields)) from None
+        raise ConfigError(path, pydantic_problems(e, (), source, TrainConfig.model_fields)) from None
     if config.shards is None:
         raise ConfigError(path, [f"{source.where(())}: shards: required by `curate train` (an encode stage folder)"])
     return config
@@ -65,7 +65,8 @@ def sample_command(
     import torch
 
     from curate.encode.models import encode_text, load_text_encoders, load_vae
-    from curate.train.conditioning import TextEmbeddings, join_sd3
+    from curate.train.conditioning import join_sd3
+    from curate.train.data import from_encoder_output
     from curate.train.loop import pick_device
     from curate.train.model import load_trained
     from curate.train.sample import decode, sample_latents
@@ -76,10 +77,7 @@ def sample_command(
     model = load_trained(Path(checkpoint), ema=ema).to(device)
 
     def condition(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = encode_text(encoders, texts)
-        pooled, split = out.pooled.float(), out.clip_l.shape[-1]  # pooled is concat(CLIP-L, bigG)
-        t5 = None if out.t5 is None else out.t5.float()
-        text = TextEmbeddings(out.clip_l.float(), pooled[:, :split], out.clip_g.float(), pooled[:, split:], t5)
+        text = from_encoder_output(encode_text(encoders, texts))
         return join_sd3(text, width=model.config.joint_attention_dim)
 
     embeds, pooled = condition(prompts)

@@ -23,6 +23,19 @@ def text_embeddings(batch: dict[str, Any], suffix: str = "") -> TextEmbeddings:
     )
 
 
+def from_encoder_output(out: Any) -> TextEmbeddings:
+    """Prompts just encoded by `curate.encode.models.encode_text`, as the trainer's embeddings (float32)."""
+    pooled = out.pooled.float()
+    return text_embeddings(
+        {
+            "clip_l": out.clip_l.float(),
+            "clip_g": out.clip_g.float(),
+            "pooled": pooled,
+            "t5": None if out.t5 is None else out.t5.float(),
+        }
+    )
+
+
 def to_train_batch(batch: dict[str, Any]) -> TrainBatch:
     synthetic = text_embeddings(batch, "_synthetic") if "clip_l_synthetic" in batch else None
     return TrainBatch(
