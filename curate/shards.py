@@ -430,6 +430,9 @@ def sd3_conditioning(batch: dict[str, Any], synthetic: Any = False) -> tuple[Any
     """
     import torch
 
+    from curate.train.conditioning import join_sd3
+    from curate.train.data import text_embeddings
+
     def pick(name: str) -> Any:
         original = batch.get(name)
         if synthetic is False or f"{name}_synthetic" not in batch:
@@ -442,13 +445,10 @@ def sd3_conditioning(batch: dict[str, Any], synthetic: Any = False) -> tuple[Any
         mask = choice.view(-1, *([1] * (original.dim() - 1))).to(original.device)
         return torch.where(mask, batch[f"{name}_synthetic"], original)
 
-    clip = torch.cat([pick("clip_l"), pick("clip_g")], dim=-1)
-    width = int(batch["joint_attention_dim"])
-    t5 = pick("t5")
-    if t5 is None:
-        t5 = torch.zeros(clip.shape[0], int(batch["max_sequence_length"]), width, dtype=clip.dtype, device=clip.device)
-    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), pick("pooled")
+    picked = {name: pick(name) for name in ("clip_l", "clip_g", "pooled", "t5")}
+    return join_sd3(
+        text_embeddings(picked), t5_tokens=int(batch["max_sequence_length"]), width=int(batch["joint_attention_dim"])
+    )
 
 
 def sd3_latents(

@@ -92,12 +92,14 @@ def process(config: ValidateConfig, task: ShardTask, context: WorkContext, state
     device = pick_device(train_config.device)
     model = load_trained(result.checkpoint, ema=True).to(device)
 
-    prompts, sources, embeds, pooled = _conditions(config, context, shards, model.config.joint_attention_dim)
+    first_rows = _first_rows(shards, max(1, config.shard_prompts))
+    prompts, sources, embeds, pooled = _conditions(config, context, first_rows, model.config.joint_attention_dim)
     rows: list[dict[str, Any]] = []
     images: list[Any] = []
     if prompts:
         negative, negative_pooled = _negative(config, context, embeds, pooled, model.config.joint_attention_dim)
-        height, width = _resolution(shards)
+        _, _, latent_height, latent_width = first_rows["latent"].shape  # the first bucket's size
+        height, width = latent_height * 8, latent_width * 8
         latents = sample_latents(
             model,
             *(t.to(device, torch.float32) for t in (embeds, pooled, negative, negative_pooled)),
@@ -142,7 +144,7 @@ def _first_rows(shards: str, count: int) -> dict[str, Any]:
 
 
 def _conditions(
-    config: ValidateConfig, context: WorkContext, shards: str, width: int
+    config: ValidateConfig, context: WorkContext, first_rows: dict[str, Any], width: int
 ) -> tuple[list[str], list[str], Any, Any]:
     """Prompts to sample and their joined SD3 conditioning: shard captions (stored embeddings) first."""
     import torch
@@ -152,10 +154,9 @@ def _conditions(
 
     prompts, sources, embeds, pooled = [], [], [], []
     if config.shard_prompts:
-        rows = _first_rows(shards, config.shard_prompts)
-        joined, joined_pooled = join_sd3(text_embeddings(rows), width=width)
-        prompts += [caption or "" for caption in rows["caption"]]
-        sources += ["shards"] * len(rows["caption"])
+        joined, joined_pooled = join_sd3(text_embeddings(first_rows), width=width)
+        prompts += [caption or "" for caption in first_rows["caption"]]
+        sources += ["shards"] * len(first_rows["caption"])
         embeds.append(joined.float())
         pooled.append(joined_pooled.float())
     if config.prompts:
@@ -186,11 +187,6 @@ def _negative(config: ValidateConfig, context: WorkContext, embeds: Any, pooled:
         return torch.zeros_like(embeds), torch.zeros_like(pooled)
     negative, negative_pooled = _encode_prompts(context, [config.negative_prompt], width)
     return negative.expand(embeds.shape[0], -1, -1), negative_pooled.expand(pooled.shape[0], -1)
-
-
-def _resolution(shards: str) -> tuple[int, int]:
-    _, _, h, w = _first_rows(shards, 1)["latent"].shape
-    return h * 8, w * 8
 
 
 def task_rows(config: ValidateConfig, task: ShardTask) -> int:

@@ -83,8 +83,3 @@ class ShardBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
-
-
-def first_batch(source: str | list[str], batch_size: int) -> TrainBatch:
-    """One batch, for sampling prompts from the shards and for shape checks."""
-    return next(iter(ShardBatches(source, batch_size, seed=0)))
