@@ -23,6 +23,7 @@ def _run(args: argparse.Namespace) -> int:
             only=_stages(args.stages),
             address=args.address,
             log=lambda line: print(line, file=sys.stderr, flush=True),
+            redo=_stages(args.redo),
         )
     except RunError as e:
         print(f"curate run: {e}", file=sys.stderr)
@@ -38,7 +39,8 @@ def _check(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.pipeline)
     try:
-        select_stages(pipeline, _stages(args.stages), RunDir(storage.absolute(args.output or pipeline.output)))
+        run = RunDir(storage.absolute(args.output or pipeline.output))
+        select_stages(pipeline, _stages(args.stages), run, _stages(args.redo))
     except RunError as e:
         print(f"curate check: {e}", file=sys.stderr)
         return 1
@@ -118,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster address; default: RAY_ADDRESS, then the pipeline's ray.address, else an embedded local Ray",
     )
     run.add_argument("--stages", help="comma-separated stage names to run (default: all)")
+    run.add_argument(
+        "--redo",
+        help="comma-separated stages to do again from scratch (e.g. a filter with new thresholds): removes them "
+        "and every later stage that reads them, keeps the stages they read, then runs",
+    )
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a pipeline and print its plan without doing any work")
@@ -125,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--output")
     check.add_argument("--address")
     check.add_argument("--stages")
+    check.add_argument("--redo", help="as for run: checks the names; nothing is removed")
     check.set_defaults(func=_check)
 
     inspect = sub.add_parser("inspect", help="summarise a run folder, a stage folder or a shard")

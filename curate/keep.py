@@ -1,9 +1,14 @@
-"""Which rows of an image shard a model stage works on: the one rule shared by caption and encode.
+"""Which rows of an image shard a stage works on: the one rule shared by sscd, caption, encode and filter.
 
 A row is processed when its image row is `ok` upstream and, when the stage names a keep source
-(`keep_from`, a joined stage with `key` and `keep` columns such as `dedup`), its `keep` flag is true.
-Every other row still gets an output row with a status saying why it was not processed, so shards keep
-1:1 lineage and nothing vanishes silently.
+(`keep_from`, a joined stage with `key` and `keep` columns such as `dedup` or a `filter`), its `keep` flag
+is true. Every other row still gets an output row with a status saying why it was not processed, so shards
+keep 1:1 lineage and nothing vanishes silently. The status of a row the keep source did not keep says why:
+
+- `skipped_filtered` when the keep source is a filter (it has a `removed_by` column; `error` names the rule);
+- the keep source's own status when it is not `ok` there (e.g. dedup saw an sscd row that a filter skipped
+  or that failed to decode: the reason travels on instead of being called a duplicate);
+- `skipped_duplicate` otherwise (dedup dropped it as a copy).
 """
 
 from __future__ import annotations
@@ -15,8 +20,29 @@ import pyarrow as pa
 
 from curate import storage
 
-SKIPPED_DUPLICATE = "skipped_duplicate"  # keep is false in the keep source
+SKIPPED_DUPLICATE = "skipped_duplicate"  # keep is false in the keep source (dedup: a copy)
+SKIPPED_FILTERED = "skipped_filtered"  # keep is false in a filter keep source (a rule removed the row)
 NOT_OK_UPSTREAM = "not_ok_upstream"  # the image row itself has a non-ok status
+
+
+@dataclass(frozen=True)
+class KeepFlags:
+    """A keep source's shard: keep per key, and (status, error) for each key it does not keep."""
+
+    keep: dict[str, bool]
+    why: dict[str, tuple[str, str]]
+
+    @staticmethod
+    def of(keep: dict[str, bool], source: str = "the keep source") -> KeepFlags:
+        """Plain keep flags (a dedup-like source without statuses): every dropped row is a duplicate."""
+        why = {k: (SKIPPED_DUPLICATE, f"keep is false in {source}") for k, v in keep.items() if not v}
+        return KeepFlags(dict(keep), why)
+
+    def skip(self, key: str) -> tuple[str, str] | None:
+        """None when the row is kept, else its (status, error); a key absent from the source is a lineage error."""
+        if key not in self.keep:
+            raise ValueError(f"key {key} of the image shard is missing from the keep source")
+        return None if self.keep[key] else self.why[key]
 
 
 @dataclass(frozen=True)
@@ -36,37 +62,52 @@ def check_keep_from(keep_from: str | None, join: tuple[str, ...]) -> None:
         raise ValueError(f"keep_from {keep_from!r} must also be listed in `join` (join: {list(join)})")
 
 
-def read_keep(uri: str) -> dict[str, bool]:
-    """key -> keep from a keep source's shard; a missing `keep` column is a lineage error, raised."""
+def read_keep(uri: str, source: str = "the keep source") -> KeepFlags:
+    """Keep flags from a keep source's shard; a missing `keep` column is a lineage error, raised."""
     columns = storage.parquet_file(uri).schema_arrow.names
     missing = [c for c in ("key", "keep") if c not in columns]
     if missing:
         raise ValueError(f"{uri}: keep source has no column {', '.join(missing)} (columns: {', '.join(columns)})")
-    table = storage.read_parquet(uri, columns=["key", "keep"])
-    return {k: bool(v) for k, v in zip(table["key"].to_pylist(), table["keep"].to_pylist(), strict=True)}
+    extra = [c for c in ("removed_by", "status") if c in columns]
+    table = storage.read_parquet(uri, columns=["key", "keep", *extra])
+    keys = table["key"].to_pylist()
+    keep = {k: bool(v) for k, v in zip(keys, table["keep"].to_pylist(), strict=True)}
+    removed_by = table["removed_by"].to_pylist() if "removed_by" in extra else None
+    status = table["status"].to_pylist() if "status" in extra else None
+    why: dict[str, tuple[str, str]] = {}
+    for i, key in enumerate(keys):
+        if keep[key]:
+            continue
+        if removed_by is not None:
+            why[key] = (SKIPPED_FILTERED, f"removed by {removed_by[i] or 'a rule'} in {source}")
+        elif status is not None and status[i] not in (None, "ok"):
+            why[key] = (str(status[i]), f"keep is false in {source}, whose status is {status[i]}")
+        else:
+            why[key] = (SKIPPED_DUPLICATE, f"keep is false in {source}")
+    return KeepFlags(keep, why)
 
 
-def select_rows(upstream: pa.Table, keep: dict[str, bool] | None) -> Selection:
+def select_rows(upstream: pa.Table, keep: KeepFlags | dict[str, bool] | None) -> Selection:
     """Apply the rule to an upstream shard (needs `key` and `status`). A key absent from the keep source
-    breaks 1:1 lineage and raises: the shard fails loudly rather than captioning or dropping it by guess."""
+    breaks 1:1 lineage and raises: the shard fails loudly rather than processing or dropping it by guess."""
+    if isinstance(keep, dict):
+        keep = KeepFlags.of(keep)
     keys = upstream["key"].to_pylist()
     statuses = upstream["status"].to_pylist()
-    skip: list[tuple[str, str] | None] = []
-    absent = [k for k in keys if keep is not None and k not in keep]
+    absent = [k for k in keys if keep is not None and k not in keep.keep]
     if absent:
         raise ValueError(f"{len(absent)} keys of the image shard are missing from the keep source, e.g. {absent[0]}")
+    skip: list[tuple[str, str] | None] = []
     for key, status in zip(keys, statuses, strict=True):
         if status != "ok":
             skip.append((NOT_OK_UPSTREAM, f"upstream status {status}"))
-        elif keep is not None and not keep[key]:
-            skip.append((SKIPPED_DUPLICATE, "keep is false in the keep source"))
         else:
-            skip.append(None)
+            skip.append(keep.skip(key) if keep is not None else None)
     return Selection(skip)
 
 
-def keep_table_for(context: Any, keep_from: str | None, index: int) -> dict[str, bool] | None:
+def keep_table_for(context: Any, keep_from: str | None, index: int) -> KeepFlags | None:
     """The keep flags of shard ``index`` from the configured keep source, or None when there is none."""
     if keep_from is None:
         return None
-    return read_keep(context.joined_shard(keep_from, index))
+    return read_keep(context.joined_shard(keep_from, index), keep_from)

@@ -125,21 +125,24 @@ def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
     )
 
 
-def _global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
-    spec = STAGES[job.kind]
-    assert spec.prepare is not None
-    return spec.prepare(job.config, upstream, stage_dir, job.context)
+def _global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir, step: str) -> dict[str, Any]:
+    function = getattr(STAGES[job.kind], step)
+    assert function is not None
+    return function(job.config, upstream, stage_dir, job.context)
 
 
-def run_global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
-    """A stage's global step as one Ray task with the stage's resources (a GPU for FAISS when asked)."""
+def run_global_step(
+    job: StageJob, upstream: StageDir | None, stage_dir: StageDir, step: str = "prepare"
+) -> dict[str, Any]:
+    """A stage's global step (`prepare` before the shards, `finish` after them) as one Ray task with the
+    stage's resources (a GPU for FAISS when asked)."""
     import ray
 
     resources = job.config.resources
     options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 0}
     if resources.memory:
         options["memory"] = resources.memory
-    return ray.get(ray.remote(_global_step).options(**options).remote(job, upstream, stage_dir))
+    return ray.get(ray.remote(_global_step).options(**options).remote(job, upstream, stage_dir, step))
 
 
 def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
@@ -220,10 +223,10 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
 
     failures: dict[int, str] = {}
     started = time.monotonic()
+    joined = {j: run.stage(j).uri for j in stage.join}
+    context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
+    job = StageJob(stage.kind, stage, context)
     if pending:
-        joined = {j: run.stage(j).uri for j in stage.join}
-        context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
-        job = StageJob(stage.kind, stage, context)
         if spec.prepare is not None and not storage.exists(stage_dir.global_marker_uri):
             log(f"[{name}] global step")
             try:
@@ -246,26 +249,54 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     missing = [t.index for t in tasks if t.index not in stage_dir.done_shards()]
     if missing:
         raise RunError(f"stage {name!r}: shards {missing[:10]} have no completion marker after the run")
+    finish: dict[str, Any] = {}
+    if spec.finish is not None:
+        log(f"[{name}] closing step")
+        try:
+            finish = {"finish": run_global_step(job, upstream, stage_dir, "finish")}
+        except Exception as e:
+            raise RunError(f"stage {name!r}: the closing step failed; a re-run retries it.\n{e}") from e
     record = {
         "stage": name,
         "kind": stage.kind,
         "completed_at": _utcnow(),
         "wall_seconds_last_run": round(time.monotonic() - started, 3),
         **summarize(stage_dir.shard_stats()),
+        **finish,
     }
     storage.write_json(stage_dir.success_uri, record)
     log(f"[{name}] complete: {record['rows']:,} rows in {record['shards']} shards, status {record['status']}")
     return record
 
 
-def select_stages(pipeline: Pipeline, only: list[str] | None, run: RunDir) -> list[StageConfig]:
-    """The stages to run, checked before any work: names exist and every upstream is run or complete."""
-    names = [s.stage_name for s in pipeline.stages]
-    if only:
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise RunError(f"--stages: no stage named {', '.join(map(repr, unknown))} (stages: {', '.join(names)})")
-    selected = [s for s in pipeline.stages if not only or s.stage_name in only]
+def _check_names(pipeline: Pipeline, names: list[str] | None, flag: str) -> None:
+    known = [s.stage_name for s in pipeline.stages]
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        raise RunError(f"{flag}: no stage named {', '.join(map(repr, unknown))} (stages: {', '.join(known)})")
+
+
+def redo_stages(pipeline: Pipeline, names: list[str] | None) -> list[StageConfig]:
+    """The named stages and every later stage that reads one of them (as input or join, directly or through
+    other stages), in pipeline order: what `--redo` removes and runs again. Stages they read are untouched."""
+    _check_names(pipeline, names, "--redo")
+    hit = set(names or ())
+    out = []
+    for stage in pipeline.stages:
+        if stage.stage_name in hit or any(d.stage_name in hit for d in pipeline.dependencies(stage)):
+            hit.add(stage.stage_name)
+            out.append(stage)
+    return out
+
+
+def select_stages(
+    pipeline: Pipeline, only: list[str] | None, run: RunDir, redo: list[str] | None = None
+) -> list[StageConfig]:
+    """The stages to run, checked before any work: names exist and every upstream is run or complete.
+    Stages being redone (`redo_stages`) are always run and never count as complete."""
+    _check_names(pipeline, only, "--stages")
+    redone = {s.stage_name for s in redo_stages(pipeline, redo)}
+    selected = [s for s in pipeline.stages if not only or s.stage_name in only or s.stage_name in redone]
     chosen = {s.stage_name for s in selected}
     for stage in selected:
         for needed in pipeline.dependencies(stage):
@@ -283,15 +314,30 @@ def run_pipeline(
     only: list[str] | None = None,
     address: str | None = None,
     log=print,
+    redo: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run (or resume) the selected stages in order; returns each stage's completion record."""
+    """Run (or resume) the selected stages in order; returns each stage's completion record.
+
+    ``redo`` names stages to do again from scratch (new thresholds of a filter, say): their folders and
+    those of every stage reading them are removed, after every check has passed, and they run again;
+    the stages they read (a score stage's model work) are kept as they are."""
     run = RunDir(storage.absolute(output or pipeline.output))
-    selected = select_stages(pipeline, only, run)
+    selected = select_stages(pipeline, only, run, redo)
+    redone = redo_stages(pipeline, redo)
+    redone_names = {s.stage_name for s in redone}
     for stage in selected:  # fail on changed settings before starting Ray or doing any work
-        check_recorded_settings(run, stage)
+        if stage.stage_name not in redone_names:
+            check_recorded_settings(run, stage)
+    for stage in redone:
+        folder = run.stage(stage.stage_name).uri
+        if storage.exists(folder):
+            log(f"[{stage.stage_name}] --redo: removing {folder}")
+            storage.remove_tree(folder)
     storage.makedirs(run.uri)
     storage.write_atomic(run.pipeline_uri, pipeline.to_yaml().encode())
     entry = {"started_at": _utcnow(), "stages": [s.stage_name for s in selected], "version": __version__}
+    if redone:
+        entry["redo"] = [s.stage_name for s in redone]
     records: dict[str, dict[str, Any]] = {}
     with ray_session(resolve_address(address, pipeline.ray), pipeline.ray) as where:
         log(f"run folder {run.uri} on {where}")
@@ -303,4 +349,4 @@ def run_pipeline(
     return records
 
 
-__all__ = ["RunError", "run_pipeline", "run_stage", "select_stages"]
+__all__ = ["RunError", "redo_stages", "run_pipeline", "run_stage", "select_stages"]

@@ -91,6 +91,27 @@ DEDUP_SCHEMA = pa.schema(
     ]
 )
 
+# The `filter` stage: the keep/drop decision of every row of its image stage, the first rule that removed
+# it, and the values the rules looked at (so a report or a notebook can ask "what if" without recomputing).
+FILTER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("removed_by", pa.string(), nullable=False),  # "" when kept, else the first rule that failed
+        pa.field("status", pa.string(), nullable=False),  # ok | filtered | the image row's status
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption_words", pa.int32()),
+        pa.field("caption_chars", pa.int32()),
+        pa.field("language", pa.string()),
+        pa.field("language_prob", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("nsfw", pa.float32()),
+        pa.field("watermark", pa.float32()),
+    ]
+)
+
 
 def embedding_array(vectors: Any) -> pa.ExtensionArray:
     """(N, 512) float16 numpy -> canonical fixed-shape tensor array."""

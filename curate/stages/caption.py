@@ -72,7 +72,7 @@ class CaptionConfig(StageConfig):
     max_image_side: PositiveInt | None = 1024  # downscale larger images before the processor; None: as stored
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # decode limit (curate.images)
     decode_threads: PositiveInt = 4
-    keep_from: str | None = None  # a joined stage with `key` + `keep` (dedup): rows with keep=false are skipped
+    keep_from: str | None = None  # a joined stage with `key` + `keep` (dedup, filter): keep=false rows are skipped
 
     @model_validator(mode="after")
     def _keep_source_is_joined(self) -> CaptionConfig:

@@ -26,7 +26,7 @@ from curate.config import StageConfig
 from curate.encode.buckets import Bucket, Placement, choose_bucket, make_buckets, place, resize_and_crop
 from curate.encode.tensors import field_metadata, to_blobs
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
-from curate.keep import SKIPPED_DUPLICATE, check_keep_from, keep_table_for
+from curate.keep import check_keep_from, keep_table_for
 from curate.runfolder import ShardTask
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
 
@@ -83,7 +83,7 @@ class EncodeConfig(StageConfig):
     decode_threads: PositiveInt = 4
     chunk_rows: PositiveInt = 256  # rows decoded and encoded at a time: bounds the pixels held in memory
 
-    keep_from: str | None = None  # a joined stage with `key` + `keep` (dedup): rows with keep=false are skipped
+    keep_from: str | None = None  # a joined stage with `key` + `keep` (dedup, filter): keep=false rows are skipped
 
     @model_validator(mode="after")
     def _multiple(self) -> EncodeConfig:
@@ -204,8 +204,9 @@ def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: 
     for i, key in enumerate(keys):
         if upstream_status[i] != "ok":
             continue  # the image stage's own status and reason stay on the row
-        if keep_flags is not None and not keep_flags.get(key, False):
-            rows["status"][i], rows["error"][i] = SKIPPED_DUPLICATE, f"keep is false in {config.keep_from}"
+        skip = keep_flags.skip(key) if keep_flags is not None else None
+        if skip is not None:  # skipped_duplicate / skipped_filtered / the keep source's status (curate.keep)
+            rows["status"][i], rows["error"][i] = skip
             continue
         todo.append(i)
 

@@ -64,6 +64,11 @@ class StageSpec:
     # Ray task with the stage's resources, before the shard tasks; it must write its results under
     # `StageDir.global_uri`; the runner then writes `global_marker_uri`, so a resume skips it.
     prepare: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
+    # (config, upstream stage folder or None, this stage's folder, context) -> summary: a closing step over the
+    # stage's whole output (filter's report). The runner runs it as a Ray task with the stage's resources once
+    # every shard has its marker and before `_SUCCESS.json`, which keeps its summary under "finish"; a stage
+    # whose closing step failed is not complete, so a re-run retries only that step.
+    finish: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
 
 
 def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:

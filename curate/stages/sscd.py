@@ -5,7 +5,9 @@ decodes and resizes the next batches (Pillow releases the GIL) while the model r
 so the model never waits on a single decoding core. One output row per upstream row: images that failed
 upstream keep their status and error; images that fail to decode here get theirs; their ``sscd`` is all
 zeros (not null, so Ray Data and numpy read the column as one (N, 512) array) and must be ignored by
-status, as every stage does.
+status, as every stage does. With `keep_from` (a joined `filter` stage), rows the keep source does not
+keep are not embedded either and get its skip status (`skipped_filtered`, curate.keep), which `dedup`
+then counts as not ok (keep false, reason `not_ok`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import PositiveInt
+from pydantic import PositiveInt, model_validator
 
 from curate import storage
 from curate.config import StageConfig
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from curate.keep import check_keep_from, keep_table_for
 from curate.schema import SSCD_DIMS, SSCD_SCHEMA, embedding_array
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
 
@@ -41,6 +44,12 @@ class SscdConfig(StageConfig):
     # least 2). On a GPU give the actor enough CPUs to feed it (ResNet-50 at 320 px wants ~8-16 cores).
     decode_threads: PositiveInt | None = None
     prefetch_batches: PositiveInt = 2  # batches decoded ahead of the one the model is running
+    keep_from: str | None = None  # a joined stage with `key` + `keep` (a filter): keep=false rows are not embedded
+
+    @model_validator(mode="after")
+    def _keep_source_is_joined(self) -> SscdConfig:
+        check_keep_from(self.keep_from, self.join)
+        return self
 
     def batch_size(self) -> int:
         return self.resources.batch_size or 32
@@ -116,6 +125,14 @@ def process(config: SscdConfig, task, context: WorkContext, state: SscdState) ->
     table = storage.read_parquet(upstream_uri, columns=UPSTREAM_COLUMNS)
     status = table["status"].to_pylist()
     error = table["error"].to_pylist()
+    keep = keep_table_for(context, config.keep_from, task.index)
+    skipped = 0
+    if keep is not None:
+        for i, key in enumerate(table["key"].to_pylist()):
+            skip = keep.skip(key) if status[i] == "ok" else None
+            if skip is not None:
+                status[i], error[i] = skip
+                skipped += 1
     ok_rows = [i for i, s in enumerate(status) if s == "ok"]
     images = table["image"].to_pylist()
     vectors, outcomes = embed_images(config, state, [images[i] for i in ok_rows])
@@ -139,11 +156,14 @@ def process(config: SscdConfig, task, context: WorkContext, state: SscdState) ->
     )
     seconds = time.perf_counter() - started
     extra = {"embedded": len(ok_rows), "embed_seconds": round(seconds, 3), "device": state.model.device}
+    if keep is not None:
+        extra["skipped_by_keep_source"] = skipped
     return ShardOutput(out, extra)
 
 
 def describe(config: SscdConfig) -> str:
-    return f"SSCD embeddings ({config.resize}, batch {config.batch_size()})"
+    keep = f"; skips keep=false rows of {config.keep_from}" if config.keep_from else ""
+    return f"SSCD embeddings ({config.resize}, batch {config.batch_size()}){keep}"
 
 
 SPEC = StageSpec(
