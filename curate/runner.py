@@ -171,7 +171,8 @@ def check_recorded_settings(run: RunDir, stage: StageConfig) -> None:
         raise RunError(
             f"stage {stage.stage_name!r} in {run.uri} was made with different settings "
             f"(recorded {record.get('kind')}/{record.get('fingerprint')}, now {stage.kind}/{stage.fingerprint()}). "
-            f"Use another --output, or delete {stage_dir.uri} to redo the stage."
+            f"Use another --output, or `curate run ... --redo {stage.stage_name}` to redo it (and the stages "
+            f"reading it) with the new settings."
         )
 
 

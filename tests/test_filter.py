@@ -551,3 +551,13 @@ def test_redo_names_are_checked(tmp_path, sample_images):
     result = curate_cli("check", str(path), "--redo", "quality,nope")
     assert result.returncode == 1 and "--redo: no stage named 'nope'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_filters_notebook_shows_counts_histograms_and_examples(filtered_run, monkeypatch):
+    from test_notebooks import execute, outputs
+
+    text, images = outputs(execute("filters.ipynb", filtered_run["run"], monkeypatch))
+    assert "filter stages final, prefilter, quality" in text
+    assert "removed by keep_from:prefilter" in text and "removed by min_side" in text
+    assert "quality.clip_score" in text and "keep top 0.3 -> cutoff" in text
+    assert images >= 4  # a histogram figure per filter stage, and example grids

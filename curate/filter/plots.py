@@ -23,7 +23,7 @@ def _pyplot():
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=90)
     _pyplot().close(fig)
     return buffer.getvalue()
 
@@ -84,7 +84,7 @@ def examples_png(measure: str, groups: list[dict[str, Any]], upstream: StageDir)
         return None
     fig, axes = plt.subplots(len(groups), columns, figsize=(1.9 * columns, 2.2 * len(groups)), squeeze=False)
     for line, group in zip(axes, groups, strict=True):
-        line[0].set_ylabel(f"near {group['threshold']:g}", fontsize=9)
+        line[0].set_ylabel(f"near {group['threshold']:.3g}", fontsize=9)
         for ax, row in zip(line, group["rows"] + [None] * columns, strict=False):
             ax.set_xticks([])
             ax.set_yticks([])

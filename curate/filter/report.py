@@ -53,6 +53,7 @@ MEASURES = (
     Measure("nsfw", "nsfw_max", "nsfw_max", "max", (0, 1, 50), (0.1, 0.3, 0.5, 0.7, 0.9)),
     Measure("watermark", "watermark_max", "watermark_max", "max", (0, 1, 50), (0.1, 0.3, 0.5, 0.7, 0.8, 0.9)),
 )
+CHEAP_FIELDS_OF = {"caption_words": ("min_caption_words", "max_caption_words")}
 COLUMNS = ["key", "keep", "removed_by", "width", "height", "caption_words", *SCORE_COLUMNS]
 
 
@@ -162,6 +163,14 @@ def _examples(config: FilterConfig, measures: dict[str, dict[str, Any]], rows: p
     return out
 
 
+def shown(config: FilterConfig, measure: Measure) -> bool:
+    """Scores are reported whenever a score stage is joined (to choose thresholds); cheap measures when their
+    rule is configured."""
+    if measure.name in SCORE_COLUMNS:
+        return config.score_from is not None
+    return any(getattr(config, f) is not None for f in CHEAP_FIELDS_OF.get(measure.name, (measure.field,)))
+
+
 def collect(config: FilterConfig, stage: StageDir, seed: int = 0) -> dict[str, Any]:
     """The report's numbers over every shard of the stage, with example rows from its first shards."""
     stats = stage.shard_stats()
@@ -193,7 +202,9 @@ def collect(config: FilterConfig, stage: StageDir, seed: int = 0) -> dict[str, A
         if len(first) < EXAMPLE_SHARDS:
             first.append(table.append_column("_shard", pa.array(np.full(table.num_rows, index, np.int64))))
     measures = {
-        name: acc.summary(getattr(config, acc.measure.field)) for name, acc in accumulators.items() if acc.population
+        name: acc.summary(getattr(config, acc.measure.field))
+        for name, acc in accumulators.items()
+        if acc.population and shown(config, acc.measure)
     }
     top = None
     if config.clip_score_top_fraction is not None:
