@@ -228,7 +228,8 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
     job = StageJob(stage.kind, stage, context)
     if pending:
-        if spec.prepare is not None and not storage.exists(stage_dir.global_marker_uri):
+        needs_global = spec.prepare is not None and spec.prepare_when(stage)
+        if needs_global and not storage.exists(stage_dir.global_marker_uri):
             log(f"[{name}] global step")
             try:
                 summary = run_global_step(job, upstream, stage_dir)

@@ -163,13 +163,11 @@ def decide(config: FilterConfig, context: WorkContext, index: int, image_uri: st
 
 
 def prepare(config: FilterConfig, upstream: StageDir | None, stage: StageDir, context: WorkContext) -> dict[str, Any]:
-    """The top-fraction cutoff over every shard's candidates (rows every other rule kept); nothing to do
-    without `clip_score_top_fraction`."""
+    """The top-fraction cutoff over every shard's candidates (rows every other rule kept); the runner calls it
+    only with `clip_score_top_fraction` set (`prepare_when`)."""
     from curate.filter.top_fraction import Candidates, cutoff
 
-    assert upstream is not None
-    if config.clip_score_top_fraction is None:
-        return {}
+    assert upstream is not None and config.clip_score_top_fraction is not None
     candidates = Candidates.empty()
     for index in sorted(upstream.done_shards()):
         rows, decision = decide(config, context, index, upstream.shard(index))
@@ -267,6 +265,7 @@ SPEC = StageSpec(
     plan=one_task_per_upstream_shard,
     process=process,
     prepare=prepare,
+    prepare_when=lambda config: config.clip_score_top_fraction is not None,
     finish=finish,
     describe_inputs=describe,
 )

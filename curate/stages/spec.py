@@ -64,6 +64,8 @@ class StageSpec:
     # Ray task with the stage's resources, before the shard tasks; it must write its results under
     # `StageDir.global_uri`; the runner then writes `global_marker_uri`, so a resume skips it.
     prepare: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
+    # (config) -> whether this config needs the global step (filter needs it only for a top fraction)
+    prepare_when: Callable[[Any], bool] = lambda config: True
     # (config, upstream stage folder or None, this stage's folder, context) -> summary: a closing step over the
     # stage's whole output (filter's report). The runner runs it as a Ray task with the stage's resources once
     # every shard has its marker and before `_SUCCESS.json`, which keeps its summary under "finish"; a stage
