@@ -35,16 +35,19 @@ def _check(args: argparse.Namespace) -> int:
     from curate import storage
     from curate.check import describe
     from curate.runfolder import RunDir
-    from curate.runner import RunError, select_stages
+    from curate.runner import RunError, redo_stages, select_stages
 
     pipeline = load_pipeline(args.pipeline)
     try:
         run = RunDir(storage.absolute(args.output or pipeline.output))
         select_stages(pipeline, _stages(args.stages), run, _stages(args.redo))
+        redone = [s.stage_name for s in redo_stages(pipeline, _stages(args.redo))]
     except RunError as e:
         print(f"curate check: {e}", file=sys.stderr)
         return 1
     print(describe(pipeline, args.output, args.address))
+    if redone:
+        print(f"--redo would remove and run again: {', '.join(redone)}")
     return 0
 
 

@@ -550,6 +550,9 @@ def test_redo_names_are_checked(tmp_path, sample_images):
     path.write_text(pipeline_text(tmp_path / "run", sample_images))
     result = curate_cli("check", str(path), "--redo", "quality,nope")
     assert result.returncode == 1 and "--redo: no stage named 'nope'" in result.stderr
+    result = curate_cli("check", str(path), "--redo", "prefilter")
+    assert result.returncode == 0, result.stderr
+    assert "--redo would remove and run again: prefilter, quality, final, sscd, dedup" in result.stdout
     assert not (tmp_path / "run").exists()
 
 
