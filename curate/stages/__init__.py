@@ -7,12 +7,21 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import caption, dedup, download, encode, local, sscd, validate
+from curate.stages import caption, dedup, download, encode, local, score, sscd, validate
 from curate.stages.spec import StageSpec, WorkContext
 
 STAGES: dict[str, StageSpec] = {
     spec.kind: spec
-    for spec in (local.SPEC, download.SPEC, sscd.SPEC, dedup.SPEC, caption.SPEC, encode.SPEC, validate.SPEC)
+    for spec in (
+        local.SPEC,
+        download.SPEC,
+        score.SPEC,
+        sscd.SPEC,
+        dedup.SPEC,
+        caption.SPEC,
+        encode.SPEC,
+        validate.SPEC,
+    )
 }
 
 __all__ = ["STAGES", "StageSpec", "WorkContext"]
