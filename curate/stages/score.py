@@ -190,7 +190,11 @@ def prepare(
             failures.append((row, "decode_error", f"{type(e).__name__}: {e}"[:2000]))
     positions = [i for i, row in enumerate(decoded) if has_text(captions[row])]
     tokens = scorer.tokenizer([captions[decoded[i]] for i in positions]) if positions else None
-    pixels = torch.stack(tensors) if tensors else None
+    pixels = None
+    if tensors:  # cast (fp16 halves the copy) and pin here, off the model's thread
+        pixels = torch.stack(tensors).to(scorer.input_dtype)
+        if scorer.device.startswith("cuda"):
+            pixels = pixels.pin_memory()
     return Prepared(decoded, pixels, positions, tokens, failures)
 
 
