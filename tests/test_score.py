@@ -207,6 +207,12 @@ def test_known_heads_unconfigured_heads_and_bad_rows(tiny, tmp_path):
     assert table["embedding"].null_count == len(rows)  # keep_embedding off
 
 
+def test_positive_class_picks_the_class_a_two_logit_head_scores(tiny, tmp_path):
+    models = {"clip_scorer": ModelSpec(path=str(tiny["clip"])), "watermark_head": ModelSpec(path=str(tiny["three"]))}
+    table = score_shard(tmp_path, good_rows()[:2], models, positive_class={"watermark": 0})
+    np.testing.assert_allclose(_column(table, "watermark"), 0.25, atol=1e-6)  # softmax([0, ln 3])[0]
+
+
 def test_keep_from_skips_rows_the_keep_source_drops(tiny, tmp_path):
     rows = good_rows()
     keep = [True, False, True, False, True]
@@ -282,6 +288,8 @@ def test_config_accepts_each_model_source(tiny, tmp_path):
         ({"clip_scorer": "FOLDER", "aesthetic_head": {"path": "WIDE"}}, None, "the head takes 768-d embeddings"),
         ({"clip_scorer": "FOLDER", "aesthetic_head": {"path": "THREE"}}, None, "an aesthetic head returns 1 value"),
         ({"clip_scorer": "FOLDER", "nsfw_head": {"path": "BN"}}, None, "heads with other layers than Linear"),
+        ({"clip_scorer": "FOLDER", "nsfw_head": {"path": "JUNK"}}, None, "not a usable head"),
+        ({"clip_scorer": "FOLDER"}, {"positive_class": {"nsfw": 2}}, "positive_class.nsfw"),
         ({"clip_scorer": "FOLDER"}, {"heads": ["nsfw"]}, "needs model 'nsfw_head'"),
         ({"clip_scorer": "FOLDER"}, {"keep_from": "ingest"}, "keep_from 'ingest' must also be listed in `join`"),
         ({"clip_scorer": {"id": "org/repo", "revision": "v1"}}, None, "give `architecture` to load a pinned revision"),
@@ -290,12 +298,14 @@ def test_config_accepts_each_model_source(tiny, tmp_path):
 def test_config_errors_name_the_problem(tiny, tmp_path, models, score, expected):
     torch.save({"weight": torch.zeros(1, 768), "bias": torch.zeros(1)}, tmp_path / "wide.pth")
     torch.save({"layers.0.weight": torch.zeros(1, 64), "layers.1.running_mean": torch.zeros(1)}, tmp_path / "bn.pth")
+    (tmp_path / "junk.pth").write_bytes(b"<html>not a head</html>")
     places = {
         "CHECKPOINT": str(tiny["checkpoint"]),
         "FOLDER": str(tiny["clip"]),
         "WIDE": str(tmp_path / "wide.pth"),
         "THREE": str(tiny["three"]),
         "BN": str(tmp_path / "bn.pth"),
+        "JUNK": str(tmp_path / "junk.pth"),
     }
 
     def fill(value):

@@ -73,6 +73,8 @@ def architecture_config(architecture: str) -> dict[str, Any] | None:
 
 def source_problems(spec: ModelSpec) -> list[str]:
     """What is wrong with a clip_scorer model spec, before any work (messages name the field)."""
+    if importlib.util.find_spec("open_clip") is None:
+        return ["models.clip_scorer: the score stage needs open_clip: pip install 'curate[score]'"]
     arch = spec.architecture
     if arch is not None:
         try:

@@ -24,13 +24,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
 
 from curate import storage
 from curate.config import ModelSpec, StageConfig
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from curate.keep import NOT_OK_UPSTREAM, check_keep_from, keep_table_for, select_rows
-from curate.models.heads import HEAD_NAMES, HeadError, check_output, describe_head
+from curate.models.heads import HEAD_NAMES, check_output, describe_head
 from curate.runfolder import ShardTask
 from curate.schema import SCORE_SCHEMA
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
@@ -44,8 +44,8 @@ class PositiveClass(BaseModel):
     """The class index a two-logit probability head scores (ignored for one-logit heads)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    nsfw: NonNegativeInt = 1
-    watermark: NonNegativeInt = 1
+    nsfw: Literal[0, 1] = 1
+    watermark: Literal[0, 1] = 1
 
 
 class ScoreConfig(StageConfig):
@@ -106,7 +106,7 @@ class ScoreConfig(StageConfig):
                 continue
             try:
                 chain = describe_head(spec.path)
-            except (HeadError, OSError, RuntimeError, ValueError) as e:
+            except Exception as e:  # any unreadable file (pickle, zip, safetensors errors) is a config problem
                 problems.append(((), f"models.{role}: {spec.path}: not a usable head: {e}"))
                 continue
             if chain is None:
