@@ -9,8 +9,11 @@ shards and applies thresholds, so changing a threshold needs no model.
 
 It reads an image stage (`local`, `download`) and, with `keep_from`, the keep flags of a joined stage (a
 cheap prefilter, dedup) so the model only sees rows worth scoring (rule in curate.keep). Inside an actor
-(model loaded once by `setup`) a thread pool decodes, transforms and tokenizes the next batches while the
-model runs the current one. One output row per upstream row, in order; rows not scored keep a status.
+(model loaded once by `setup`) the images of a batch are decoded and transformed in parallel on a thread
+pool; on a GPU the next batches are prepared while the model runs the current one, on a CPU (where both
+would share the same cores, and oversubscribed OpenMP threads slow the model down more than the overlap
+gains) preparing and running alternate. One output row per upstream row, in order; rows not scored keep a
+status.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from curate import storage
 from curate.config import ModelSpec, StageConfig
@@ -59,10 +62,11 @@ class ScoreConfig(StageConfig):
     keep_embedding: bool = False  # store the L2-normalised image embedding (float16) in `embedding`
     keep_from: str | None = None  # a joined stage with `key` + `keep` (a prefilter, dedup): keep=false rows skipped
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
-    # CPU threads per actor decoding + transforming ahead of the model; default: the actor's num_cpus (at
-    # least 2). On a GPU give the actor enough CPUs to keep it fed.
+    # CPU threads per actor decoding + transforming images; default: the actor's num_cpus (at least 2). On a
+    # GPU give the actor enough CPUs to keep it fed.
     decode_threads: PositiveInt | None = None
-    prefetch_batches: PositiveInt = 2  # batches prepared ahead of the one the model is running
+    # batches prepared ahead of the one the model is running; default 2 when the model runs on a GPU, 0 on a CPU
+    prefetch_batches: NonNegativeInt | None = None
 
     @field_validator("heads")
     @classmethod
@@ -129,7 +133,13 @@ class ScoreConfig(StageConfig):
 class ScoreState:
     scorer: Any  # curate.models.clip_scorer.ClipScorer
     heads: list[Any]  # curate.models.heads.Head, in HEAD_NAMES order
-    pool: ThreadPoolExecutor
+    pool: ThreadPoolExecutor  # decodes and transforms single images
+    assembler: ThreadPoolExecutor  # one thread: prepares whole batches in order, fanning images out to `pool`
+
+    def prefetch(self, config: ScoreConfig) -> int:
+        if config.prefetch_batches is not None:
+            return config.prefetch_batches
+        return 2 if self.scorer.device.startswith("cuda") else 0
 
 
 def setup(config: ScoreConfig, context: WorkContext) -> ScoreState:
@@ -149,7 +159,7 @@ def setup(config: ScoreConfig, context: WorkContext) -> ScoreState:
         check_against(head, scorer.width, scorer.device, reference)
         heads.append(head)
     pool = ThreadPoolExecutor(config.decode_threads or max(2, threads), thread_name_prefix="score-decode")
-    return ScoreState(scorer, heads, pool)
+    return ScoreState(scorer, heads, pool, ThreadPoolExecutor(1, thread_name_prefix="score-batch"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,23 +181,35 @@ def has_text(caption: str | None) -> bool:
     return caption is not None and bool(caption.strip())
 
 
+def _decode(scorer: Any, row: int, fetch: Callable[[int], bytes | None], max_pixels: int) -> Any:
+    """One image's pixels as the model takes them, or (status, error) when it cannot be used."""
+    try:
+        return scorer.transform(open_image(fetch(row) or b"", max_pixels).image)
+    except ImageError as e:
+        return (e.status, e.message)
+    except Exception as e:  # a Pillow or transform bug on one file must not lose the shard
+        return ("decode_error", f"{type(e).__name__}: {e}"[:2000])
+
+
 def prepare(
-    scorer: Any, rows: list[int], fetch: Callable[[int], bytes | None], captions: list[str | None], max_pixels: int
+    state: ScoreState,
+    rows: list[int],
+    fetch: Callable[[int], bytes | None],
+    captions: list[str | None],
+    max_pixels: int,
 ) -> Prepared:
-    """Decode, transform and tokenize one batch on a CPU thread; failures become the rows' statuses."""
+    """Decode and transform one batch's images in parallel on the pool, then stack, cast and tokenize."""
     import torch
 
+    scorer = state.scorer
     tensors, decoded = [], []
     failures: list[tuple[int, str, str]] = []
-    for row in rows:
-        try:
-            image = open_image(fetch(row) or b"", max_pixels).image
-            tensors.append(scorer.transform(image))
+    for row, result in zip(rows, state.pool.map(lambda r: _decode(scorer, r, fetch, max_pixels), rows), strict=True):
+        if isinstance(result, tuple):
+            failures.append((row, *result))
+        else:
+            tensors.append(result)
             decoded.append(row)
-        except ImageError as e:
-            failures.append((row, e.status, e.message))
-        except Exception as e:  # a Pillow or transform bug on one file must not lose the shard
-            failures.append((row, "decode_error", f"{type(e).__name__}: {e}"[:2000]))
     positions = [i for i, row in enumerate(decoded) if has_text(captions[row])]
     tokens = scorer.tokenizer([captions[decoded[i]] for i in positions]) if positions else None
     pixels = None
@@ -205,16 +227,17 @@ def prepared_batches(
     fetch: Callable[[int], bytes | None],
     captions: list[str | None],
 ) -> Iterator[Prepared]:
-    """Batches in order, each prepared on the state's pool `prefetch_batches` ahead of the consumer."""
+    """Batches in order; up to `prefetch` of them are prepared ahead of the one the consumer is on."""
     size = config.batch_size()
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    ahead = state.prefetch(config)
     pending: deque[Future[Prepared]] = deque()
     position = 0
     try:
         while position < len(chunks) or pending:
-            while position < len(chunks) and len(pending) <= config.prefetch_batches:
+            while position < len(chunks) and len(pending) <= ahead:
                 pending.append(
-                    state.pool.submit(prepare, state.scorer, chunks[position], fetch, captions, config.max_pixels)
+                    state.assembler.submit(prepare, state, chunks[position], fetch, captions, config.max_pixels)
                 )
                 position += 1
             yield pending.popleft().result()
