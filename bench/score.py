@@ -1,6 +1,6 @@
 """Score stage throughput against direct open_clip calls on the same batches, measured in the same run.
 
-    python bench/score.py                                   # CPU: random-weight ViT-B-32, 64 images (~1-2 min)
+    python bench/score.py          # CPU: random-weight ViT-B-32, 48 images, 6 runs each (~2 min)
     python bench/score.py --arch ViT-L-14-quickgelu --images 2048 --batch-size 256 --decode-threads 16   # GPU
 
 Both sides use the same random-weight open_clip model of a real architecture (saved as a checkpoint file and
@@ -93,9 +93,9 @@ def reference_loop(scorer, batches) -> tuple[np.ndarray, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="ViT-B-32", help="an open_clip architecture name (random weights)")
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores)")
     parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16; default fp16 on GPU")
@@ -163,7 +163,7 @@ def main() -> None:
 
     reference_loop(scorer, batches[:1])  # warm-up
     times: dict[str, list[float]] = {"ref": [], "stage": []}
-    waits = []
+    waits, model_times = [], []
     stage_scores = ref_scores = None
     for repeat in range(args.repeats):  # interleaved, first one side then the other, so load changes hit both alike
         for path in ("stage", "ref") if repeat % 2 == 0 else ("ref", "stage"):
@@ -177,6 +177,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             times["stage"].append(time.perf_counter() - started)
             extra = output.extra
+            model_times.append(extra["model_seconds"])
             total = extra["input_wait_seconds"] + extra["model_seconds"]
             waits.append(extra["input_wait_seconds"] / max(1e-9, total))
             stage_scores = np.array([v for v in output.table["clip_score"].to_pylist() if v is not None], np.float32)
@@ -193,6 +194,11 @@ def main() -> None:
         print(f"| {label} | {n} | {min(times[path]):.2f} | {rate[path]:.2f} | {rate[path] / rate['ref']:.2f}x |")
     print()
     print(f"stage / open_clip: {rate['stage'] / rate['ref']:.2f}x (target >= 0.9x)")
+    print(
+        "runs (s): stage " + " ".join(f"{t:.2f}" for t in times["stage"]),
+        "| open_clip " + " ".join(f"{t:.2f}" for t in times["ref"]),
+    )
+    print("stage model seconds per run: " + " ".join(f"{t:.2f}" for t in model_times))
     print(f"stage input wait share: {statistics.median(waits):.1%} of its model loop (median of {args.repeats} runs)")
     print(f"max |clip_score stage - open_clip|: {float(np.abs(stage_scores - ref_scores).max()):.2e}")
     print(

@@ -11,9 +11,8 @@ It reads an image stage (`local`, `download`) and, with `keep_from`, the keep fl
 cheap prefilter, dedup) so the model only sees rows worth scoring (rule in curate.keep). Inside an actor
 (model loaded once by `setup`) the images of a batch are decoded and transformed in parallel on a thread
 pool; on a GPU the next batches are prepared while the model runs the current one, on a CPU (where both
-would share the same cores, and oversubscribed OpenMP threads slow the model down more than the overlap
-gains) preparing and running alternate. One output row per upstream row, in order; rows not scored keep a
-status.
+would share the same cores, so overlapping gains nothing) preparing and running alternate. One output
+row per upstream row, in order; rows not scored keep a status.
 """
 
 from __future__ import annotations
