@@ -23,6 +23,11 @@ def _resources(stage) -> str:
     return ", ".join(bits) + f"; {worker}"
 
 
+def _roles(stage, pipeline: Pipeline) -> tuple[str, ...]:
+    """The roles the stage loads: its required ones and the optional ones the pipeline defines."""
+    return stage.model_roles + tuple(r for r in stage.optional_model_roles if r in pipeline.models)
+
+
 def _state(run: RunDir, name: str) -> str:
     if storage.has_scheme(run.uri) and not run.uri.lower().startswith("file://"):
         return "not checked (remote run folder; `curate run` reads its state, `curate inspect` shows it)"
@@ -60,7 +65,7 @@ def describe(pipeline: Pipeline, output: str | None = None, address: str | None 
             f"  {number}. {stage.stage_name} [{stage.kind}]: {spec.summary}",
             f"     input:     {source}",
             f"     output:    {run.stage(stage.stage_name).uri}/shard-*.parquet",
-            f"     models:    {', '.join(stage.model_roles) or '-'}",
+            f"     models:    {', '.join(_roles(stage, pipeline)) or '-'}",
             f"     resources: {_resources(stage)}",
             f"     state:     {_state(run, stage.stage_name)}",
         ]

@@ -52,12 +52,21 @@ class ModelSpec(Strict):
     revision: str | None = None
     subfolder: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    # The architecture the weights go into, for model families whose files may not name it: an open_clip
+    # model name (ViT-L-14-quickgelu) or model-config JSON file. Only roles listed in a stage's
+    # `architecture_roles` accept it.
+    architecture: str | None = None
 
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
         """Local paths are made absolute here: Ray workers do not share the command's working directory."""
         return None if value is None else storage.absolute(value)
+
+    @field_validator("architecture")
+    @classmethod
+    def _absolute_config_file(cls, value: str | None) -> str | None:
+        return storage.absolute(value) if value is not None and value.endswith(".json") else value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -74,6 +83,8 @@ class ModelSpec(Strict):
             bits.append(f"revision={self.revision}")
         if self.dtype:
             bits.append(self.dtype)
+        if self.architecture:
+            bits.append(f"architecture={self.architecture}")
         return " ".join(bits)
 
 
@@ -95,6 +106,8 @@ class StageConfig(Strict):
     model_roles: ClassVar[tuple[str, ...]] = ()
     # Roles used when the pipeline defines them (T5 in SD3 is optional): checked like the others if present.
     optional_model_roles: ClassVar[tuple[str, ...]] = ()
+    # Roles whose model spec may carry an `architecture` (open_clip models); elsewhere it is an error.
+    architecture_roles: ClassVar[tuple[str, ...]] = ()
     is_source: ClassVar[bool] = False
     input: str | None = None  # upstream stage name; default: the stage before this one
     # Earlier stages whose shard i is read beside upstream shard i and joined on `key` (shards keep 1:1
@@ -113,6 +126,11 @@ class StageConfig(Strict):
 
     def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
         """Problems with the world outside the config (missing input folders, ...): (field path, message)."""
+        return []
+
+    def check_models(self, models: dict[str, ModelSpec]) -> list[tuple[tuple[Any, ...], str]]:
+        """Problems between the stage's settings and the models it loads (formats, embedding widths): (field
+        path, message). Called only when every role the stage uses is defined and its local files exist."""
         return []
 
 
@@ -406,7 +424,8 @@ def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source
                     f"{source.where(where)}: {format_path(where)}: no earlier stage named {joined!r} to join "
                     f"(earlier: {', '.join(seen) or 'none'})"
                 )
-        for role in stage.model_roles + tuple(r for r in stage.optional_model_roles if r in models):
+        roles = stage.model_roles + tuple(r for r in stage.optional_model_roles if r in models)
+        for role in roles:
             if role not in models:
                 problems.append(
                     f"{source.where(path)}: {format_path(path)}: stage {name!r} needs model {role!r}, "
@@ -417,6 +436,15 @@ def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source
                 problems.append(
                     f"{source.where(('models', role))}: models.{role}.path: no such file or folder: {models[role].path}"
                 )
+            elif models[role].architecture is not None and role not in stage.architecture_roles:
+                problems.append(
+                    f"{source.where(('models', role))}: models.{role}.architecture: stage {name!r} "
+                    f"({stage.kind}) loads {role} from its own files and takes no architecture"
+                )
+        if all(role in models and _local_model_exists(models[role]) for role in roles):
+            for field_path, message in stage.check_models(models):
+                full = path + tuple(field_path)
+                problems.append(f"{source.where(full)}: {format_path(full)}: {message}")
         for field_path, message in stage.check_inputs():
             full = path + tuple(field_path)
             problems.append(f"{source.where(full)}: {format_path(full)}: {message}")

@@ -112,6 +112,25 @@ FILTER_SCHEMA = pa.schema(
     ]
 )
 
+# The `score` stage: CLIP score and head scores for every row of an image stage (1:1, same order). Scores
+# are null where not computed (row not processed, head not configured, no caption for clip_score), so a
+# later `filter` can tell "not scored" from any score. `embedding` is the L2-normalised image embedding as a
+# variable-length float16 list (its width depends on the CLIP architecture), null unless `keep_embedding`.
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("nsfw", pa.float32()),
+        pa.field("watermark", pa.float32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("embedding", pa.list_(pa.float16())),
+    ]
+)
+
 
 def embedding_array(vectors: Any) -> pa.ExtensionArray:
     """(N, 512) float16 numpy -> canonical fixed-shape tensor array."""

@@ -7,7 +7,7 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import caption, dedup, download, encode, filter, local, sscd, validate
+from curate.stages import caption, dedup, download, encode, filter, local, score, sscd, validate
 from curate.stages.spec import StageSpec, WorkContext
 
 STAGES: dict[str, StageSpec] = {
@@ -16,6 +16,7 @@ STAGES: dict[str, StageSpec] = {
         local.SPEC,
         download.SPEC,
         filter.SPEC,
+        score.SPEC,
         sscd.SPEC,
         dedup.SPEC,
         caption.SPEC,
