@@ -196,11 +196,15 @@ def test_missing_demo_models_are_named_once_each(tmp_path, sample_images):
     assert result.returncode == 2
     problems = [line for line in result.stderr.splitlines() if "no such file or folder" in line]
     assert sorted(p.split(": ")[1] for p in problems) == [
+        "models.aesthetic_head.path",
         "models.captioner.path",
         "models.clip_g.path",
         "models.clip_l.path",
+        "models.clip_scorer.path",
+        "models.nsfw_head.path",
         "models.t5.path",
         "models.vae.path",
+        "models.watermark_head.path",
     ]
 
 
