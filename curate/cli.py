@@ -75,8 +75,15 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from curate.train.commands import train_command
+    from curate.train.distributed import TrainingFailed
 
-    return train_command(args.config, address=args.address, log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        return train_command(
+            args.config, address=args.address, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    except TrainingFailed as e:
+        print(f"curate train: {e}", file=sys.stderr)
+        return 1
 
 
 def _size(value: str) -> tuple[int, int]:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from curate.cli import main
 from curate.config import ConfigError
 from curate.train.commands import load_train_config
 from curate.train.data import ShardBatches
-from curate.train.distributed import train_distributed
+from curate.train.distributed import SHARED_CHECK, _check_shared, train_distributed
 from curate.train.loop import TrainConfig, flow_loss, rank_seed, train
 from curate.train.model import build_mmdit
 
@@ -130,7 +131,7 @@ def _widths(shards: str) -> dict[str, int]:
     }
 
 
-def test_distributed_settings_are_checked_before_any_work(tmp_path):
+def test_distributed_settings_are_checked_before_any_work(tmp_path, capsys):
     config = tmp_path / "train.yaml"
     config.write_text("output: out\nshards: s\ndevice: cpu\ndistributed:\n  workers: 8\n  use_gpu: true\n")
     with pytest.raises(ConfigError) as info:
@@ -140,3 +141,14 @@ def test_distributed_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_train_config(str(config))
     assert "train.yaml:4: distributed.workers:" in str(info.value)
+    config.write_text("output: out\nshards: s\n")
+    assert main(["train", str(config), "--address", "127.0.0.1:6379"]) == 2
+    assert "add `distributed: {workers: N}`" in capsys.readouterr().err
+
+
+def test_a_worker_that_does_not_see_the_output_folder_stops_at_once(tmp_path):
+    (tmp_path / SHARED_CHECK).write_text("the token of another run")
+    with pytest.raises(RuntimeError, match="must be on storage every node of the cluster mounts"):
+        _check_shared(tmp_path, "this run's token")
+    with pytest.raises(RuntimeError, match="must be on storage"):
+        _check_shared(tmp_path / "missing", "this run's token")

@@ -12,14 +12,28 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from curate import storage
 from curate.config import RayConfig
 from curate.train.settings import TrainConfig
 
-def train_distributed(config: TrainConfig, address: str | None = None, log: Callable[[str], None] = print) -> Any:
+if TYPE_CHECKING:
+    from curate.train.loop import TrainResult
+
+SHARED_CHECK = ".curate-train-run"  # written by the driver, read by every worker
+
+
+class TrainingFailed(RuntimeError):
+    """A worker failed; the message carries its error."""
+
+
+def train_distributed(
+    config: TrainConfig, address: str | None = None, log: Callable[[str], None] = print
+) -> TrainResult:
     """Run ``config`` on ``config.distributed.workers`` Ray Train workers; returns the loop's TrainResult."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -29,9 +43,13 @@ def train_distributed(config: TrainConfig, address: str | None = None, log: Call
     from curate.train.loop import TrainResult
 
     settings = config.distributed
-    assert settings is not None
-    output = Path(config.output).absolute()  # workers run in other folders (and on other nodes)
-    config = config.model_copy(update={"output": str(output)})
+    assert settings is not None and config.shards is not None
+    # workers run in other folders (and on other nodes): absolute paths
+    output = Path(config.output).expanduser().absolute()
+    config = config.model_copy(update={"output": str(output), "shards": storage.absolute(config.shards)})
+    output.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    (output / SHARED_CHECK).write_text(token)
     cluster = RayConfig(address=settings.address)
     with ray_session(resolve_address(address, cluster), RayConfig()) as where:
         use_gpu = settings.use_gpu
@@ -40,14 +58,17 @@ def train_distributed(config: TrainConfig, address: str | None = None, log: Call
         log(f"[train] {settings.workers} {'GPU' if use_gpu else 'CPU'} workers on {where}")
         trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"config": config.model_dump(mode="json")},
+            train_loop_config={"config": config.model_dump(mode="json"), "token": token},
             scaling_config=ScalingConfig(
                 num_workers=settings.workers, use_gpu=use_gpu, resources_per_worker=settings.resources_per_worker
             ),
             # Ray Train's run folder is `output` itself: it registers only checkpoints inside its run folder
             run_config=RunConfig(storage_path=str(output.parent), name=output.name),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainingFailed(f"training failed on the Ray Train workers: {e}") from None
     metrics = result.metrics or {}
     checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
     losses = json.loads((checkpoint / "trainer_state.json").read_text())["losses"] if checkpoint else []
@@ -58,15 +79,19 @@ def worker_loop(payload: dict[str, Any]) -> None:
     """The training function of one Ray Train worker."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from curate.train.data import ShardBatches
     from curate.train.loop import Replica, train
 
     config = TrainConfig(**payload["config"])
     assert config.shards is not None
+    _check_shared(Path(config.output), payload["token"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives before prepare_model (the resume check) use it
     data = ShardBatches(
         config.shards,
         config.batch_size,
@@ -83,6 +108,17 @@ def worker_loop(payload: dict[str, Any]) -> None:
         report=report,
     )
     train(config, data, log=_to_stderr if rank == 0 else _silent, replica=replica)
+
+
+def _check_shared(output: Path, token: str) -> None:
+    """Fail before any work when this worker's node does not see the driver's `output` folder."""
+    marker = output / SHARED_CHECK
+    seen = marker.read_text() if marker.is_file() else None
+    if seen != token:
+        raise RuntimeError(
+            f"{output} on this worker's node is not the folder `curate train` prepared: `output` must be "
+            "on storage every node of the cluster mounts at the same path (NFS, Lustre, a mounted bucket)"
+        )
 
 
 def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
