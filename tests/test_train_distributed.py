@@ -15,8 +15,9 @@ from curate.config import ConfigError
 from curate.train.commands import load_train_config
 from curate.train.data import ShardBatches
 from curate.train.distributed import SHARED_CHECK, _check_shared, train_distributed
-from curate.train.loop import TrainConfig, flow_loss, rank_seed, train
+from curate.train.loop import TrainConfig, flow_loss, train
 from curate.train.model import build_mmdit
+from curate.train.replica import rank_seed
 
 pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, encoded_run
 

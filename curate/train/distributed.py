@@ -53,8 +53,9 @@ def train_distributed(
     cluster = RayConfig(address=settings.address)
     with ray_session(resolve_address(address, cluster), RayConfig()) as where:
         use_gpu = settings.use_gpu
-        if use_gpu is None:
-            use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        if use_gpu is None:  # device cuda asks for GPU workers even before an autoscaler has added GPU nodes
+            gpus = ray.cluster_resources().get("GPU", 0)
+            use_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpus > 0)
         log(f"[train] {settings.workers} {'GPU' if use_gpu else 'CPU'} workers on {where}")
         trainer = TorchTrainer(
             worker_loop,
@@ -82,7 +83,8 @@ def worker_loop(payload: dict[str, Any]) -> None:
     import torch
 
     from curate.train.data import ShardBatches
-    from curate.train.loop import Replica, train
+    from curate.train.loop import train
+    from curate.train.replica import Replica
 
     config = TrainConfig(**payload["config"])
     assert config.shards is not None

@@ -42,7 +42,7 @@ class Distributed(Strict):
     """Data-parallel training: the same loop in every worker of a Ray Train TorchTrainer, gradients all-reduced."""
 
     workers: PositiveInt = 2  # training processes (one per GPU with use_gpu); the global batch is workers * batch_size
-    use_gpu: bool | None = None  # None: GPU workers when the cluster has GPUs (and device is not cpu)
+    use_gpu: bool | None = None  # None: GPU workers with device cuda, or auto on a cluster with GPUs
     resources_per_worker: dict[str, PositiveFloat] | None = None  # e.g. {CPU: 8, GPU: 1}; default 1 CPU (+1 GPU)
     address: str | None = None  # Ray cluster; `--address` and RAY_ADDRESS take precedence; default a local Ray
 
