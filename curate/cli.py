@@ -80,8 +80,15 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from curate.train.commands import train_command
+    from curate.train.distributed import TrainingFailed
 
-    return train_command(args.config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        return train_command(
+            args.config, address=args.address, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    except TrainingFailed as e:
+        print(f"curate train: {e}", file=sys.stderr)
+        return 1
 
 
 def _size(value: str) -> tuple[int, int]:
@@ -156,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the reference MMDiT on training shards (resumes from its output)")
     train.add_argument("config", help="trainer YAML: shards, output and training settings (see configs/train/)")
+    train.add_argument(
+        "--address",
+        help="Ray cluster for a config with `distributed:`; default: RAY_ADDRESS, then distributed.address, "
+        "else an embedded local Ray",
+    )
     train.set_defaults(func=_train)
 
     sample = sub.add_parser("sample", help="sample images from a trainer checkpoint")

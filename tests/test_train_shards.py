@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 from PIL import Image
@@ -40,6 +41,18 @@ def test_resume_from_shards_gives_the_same_losses(encoded_run, tmp_path):
     train(config, ShardBatches(shards, 2), log=lambda line: None, stop_after=3)
     resumed = train(config, ShardBatches(shards, 2), log=lambda line: None)
     assert len(straight.losses) == 8 and resumed.losses == straight.losses
+
+
+def test_resume_at_the_end_of_an_epoch_goes_on_with_the_next(encoded_run):
+    shards = str(Path(encoded_run["run"]) / "encode16")
+    straight = iter(ShardBatches(shards, 2, seed=1))
+    interrupted = ShardBatches(shards, 2, seed=1)
+    batches = iter(interrupted)
+    for _ in range(len(interrupted.loader)):  # the whole first epoch, stopped right after its last batch
+        next(straight), next(batches)
+    resumed = ShardBatches(shards, 2, seed=1)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert torch.equal(next(iter(resumed)).latent, next(straight).latent)
 
 
 def test_train_and_sample_commands(encoded_run, tmp_path, capsys):

@@ -4,10 +4,12 @@
       transformer/                 save_pretrained: config.json + diffusion_pytorch_model.safetensors
       transformer_ema/             the EMA weights, same layout (what `curate sample` loads)
       optimizer.safetensors        every optimizer state tensor; param groups and scalars in its metadata
-      trainer_state.json           step, data position, generator state, losses so far
+      trainer_state.json           step, data position, generator state(s), losses so far, world size
     OUT/checkpoints/latest         the name of the newest complete checkpoint (written last)
 
 A checkpoint is written under a temporary name and renamed, so `latest` never names a partial one.
+Distributed runs write the same layout from rank 0, with every rank's generator state beside rank 0's
+(`generators`), so either mode resumes the other's checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ class Saved:
     step: int
     data_state: dict[str, Any]
     losses: list[float]
+    world_size: int = 1  # ranks of the run that wrote it (the data position counts one rank's batches)
+    generators: list[str] | None = None  # every rank's generator state, when world_size > 1
+
+
+def generator_state(generator: torch.Generator) -> str:
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def set_generator_state(generator: torch.Generator, state: str) -> None:
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -70,6 +82,7 @@ def save_checkpoint(
     generator: torch.Generator,
     data_state: dict[str, Any],
     losses: list[float],
+    generators: list[str] | None = None,
 ) -> Path:
     root = Path(folder) / "checkpoints"
     final = root / f"step-{step:06d}"
@@ -83,9 +96,12 @@ def save_checkpoint(
     state = {
         "step": step,
         "data_state": data_state,
-        "generator": base64.b64encode(generator.get_state().numpy().tobytes()).decode(),
+        "generator": generator_state(generator),
         "losses": losses,
+        "world_size": len(generators) if generators else 1,
     }
+    if generators and len(generators) > 1:
+        state["generators"] = generators
     (tmp / "trainer_state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -102,16 +118,19 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
-    ema: torch.nn.Module,
+    ema: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> Saved:
+    """Load the weights, optimizer and rank 0's generator state; ``ema=None`` skips the EMA weights."""
     from diffusers.models.model_loading_utils import load_state_dict
 
     model.load_state_dict(load_state_dict(str(path / "transformer" / "diffusion_pytorch_model.safetensors")))
-    ema.load_state_dict(load_state_dict(str(path / "transformer_ema" / "diffusion_pytorch_model.safetensors")))
+    if ema is not None:
+        ema.load_state_dict(load_state_dict(str(path / "transformer_ema" / "diffusion_pytorch_model.safetensors")))
     _load_optimizer(optimizer, path / "optimizer.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
-    raw = base64.b64decode(state["generator"])
-    generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-    return Saved(state["step"], state["data_state"], state["losses"])
+    set_generator_state(generator, state["generator"])
+    return Saved(
+        state["step"], state["data_state"], state["losses"], state.get("world_size", 1), state.get("generators")
+    )

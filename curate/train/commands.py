@@ -27,14 +27,22 @@ def load_train_config(path: str) -> TrainConfig:
     return config
 
 
-def train_command(path: str, log: Any = print) -> int:
+def train_command(path: str, address: str | None = None, log: Any = print) -> int:
+    """Train in this process, or on Ray Train workers when the config has `distributed:`."""
     from curate.train.data import ShardBatches
     from curate.train.loop import train
 
     config = load_train_config(path)
     assert config.shards is not None
-    data = ShardBatches(config.shards, config.batch_size, seed=config.seed, num_workers=config.num_workers)
-    result = train(config, data, log=log)
+    if address and config.distributed is None:
+        raise ConfigError(path, [f"{path}: --address trains on a Ray cluster: add `distributed: {{workers: N}}`"])
+    if config.distributed is not None:
+        from curate.train.distributed import train_distributed
+
+        result = train_distributed(config, address=address, log=log)
+    else:
+        data = ShardBatches(config.shards, config.batch_size, seed=config.seed, num_workers=config.num_workers)
+        result = train(config, data, log=log)
     log(f"[train] done: {len(result.losses)} steps, last loss {result.losses[-1]:.4f}, checkpoint {result.checkpoint}")
     return 0
 

@@ -71,11 +71,18 @@ class ShardBatches:
 
     def __iter__(self) -> Iterator[TrainBatch]:
         while True:
-            served = 0
+            fresh, served = self.loader.position == 0, 0  # a run resumed at an epoch's end starts with none left
             for batch in self.loader:
                 served += 1
                 yield to_train_batch(batch)
-            if served == 0:
+            if served == 0 and fresh:
+                world = self.dataset.world_size
+                if world > 1:
+                    raise ValueError(
+                        f"the training shards leave a rank of {world} without a batch: they hold "
+                        f"{len(self.dataset.groups)} row groups, each rank reads whole ones, and every "
+                        "rank trains on as many batches as the rank with the fewest"
+                    )
                 raise ValueError("the training shards hold no samples to train on")
 
     def state_dict(self) -> dict[str, Any]:

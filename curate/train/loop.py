@@ -7,6 +7,7 @@ produces the same losses as one that was never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,13 @@ from typing import Any, Protocol
 
 import torch
 
-from curate.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from curate.train.checkpoint import (
+    generator_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_generator_state,
+)
 from curate.train.conditioning import TextEmbeddings, drop_encoders, join_sd3, mix_captions
 from curate.train.ema import make_ema, update_ema
 from curate.train.flow import (
@@ -27,6 +34,7 @@ from curate.train.flow import (
     shift_timesteps,
 )
 from curate.train.model import build_mmdit, load_transformer
+from curate.train.replica import Replica, rank_seed, unwrap
 from curate.train.settings import TrainConfig
 
 SD3_SCALING_FACTOR = 1.5305
@@ -118,7 +126,8 @@ def flow_loss(
     size = x0.shape[0]
     text, _ = mix_captions(batch.original, batch.synthetic, batch.has_synthetic, config.synthetic_ratio, generator)
     text, _ = drop_encoders(text, config.encoder_dropout, generator)
-    prompt_embeds, pooled = join_sd3(text.to(device, torch.float32), width=model.config.joint_attention_dim)
+    width = unwrap(model).config.joint_attention_dim
+    prompt_embeds, pooled = join_sd3(text.to(device, torch.float32), width=width)
     t = sample_timesteps(
         size, generator, config.timestep_sampling, config.logit_mean, config.logit_std, config.mode_scale
     )
@@ -143,14 +152,57 @@ class TrainResult:
     steps_per_second: float
 
 
+def _resume(
+    output: Path,
+    model: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    data: BatchSource,
+    config: TrainConfig,
+    replica: Replica,
+    log: Callable[[str], None],
+) -> tuple[int, list[float], Path | None]:
+    """Load the newest checkpoint into every rank (the same one: output must be shared storage)."""
+    previous = latest_checkpoint(output)
+    found = replica.gather(previous.name if previous is not None else None)
+    if len(set(found)) > 1:
+        raise RuntimeError(
+            f"ranks found different checkpoints in {output} ({found}): `output` must be storage every "
+            "training worker sees (a shared file system on a multi-node cluster)"
+        )
+    if previous is None:
+        return 0, [], None
+    saved = load_checkpoint(previous, model, ema, optimizer, generator)
+    data_state = dict(saved.data_state)
+    if saved.world_size == replica.world_size:
+        if saved.generators:
+            set_generator_state(generator, saved.generators[replica.rank])
+    else:
+        # another world size plans other batches per rank: keep the epoch and the share of it already seen
+        if "position" in data_state:
+            data_state["position"] = int(data_state["position"]) * saved.world_size // replica.world_size
+        if replica.rank > 0:
+            generator.manual_seed(rank_seed(config.seed, replica.rank, saved.step))
+        log(f"[train] checkpoint written by {saved.world_size} ranks, resuming on {replica.world_size}")
+    data.load_state_dict(data_state)
+    log(f"[train] resuming from {previous.name} at step {saved.step}")
+    return saved.step, list(saved.losses), previous
+
+
 def train(
     config: TrainConfig,
     data: BatchSource,
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
+    replica: Replica | None = None,
 ) -> TrainResult:
-    """Train (or resume) to ``config.steps``; ``stop_after`` ends early after that step, as an interruption would."""
-    device = pick_device(config.device)
+    """Train (or resume) to ``config.steps``; ``stop_after`` ends early after that step, as an interruption would.
+
+    ``replica``: this process's rank in a data-parallel run (``data`` must then read this rank's share).
+    """
+    replica = replica or Replica()
+    device = replica.device or pick_device(config.device)
     bf16 = use_bf16(config, device)
     if config.pretrained is not None:
         model = load_transformer(config.pretrained)
@@ -163,26 +215,20 @@ def train(
             pooled_projection_dim=data.pooled_dim,
         )
     model.to(device).train()
-    ema = make_ema(model)
+    ema = make_ema(model) if replica.main else None
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
     )
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(rank_seed(config.seed, replica.rank))
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-
-    step, losses = 0, []
-    previous = latest_checkpoint(output)
-    if previous is not None:
-        saved = load_checkpoint(previous, model, ema, optimizer, generator)
-        step, losses = saved.step, list(saved.losses)
-        data.load_state_dict(saved.data_state)
-        log(f"[train] resuming from {previous.name} at step {step}")
+    if replica.main:
+        output.mkdir(parents=True, exist_ok=True)
+    step, losses, checkpoint = _resume(output, model, ema, optimizer, generator, data, config, replica, log)
+    network = replica.wrap(model)
 
     batches = iter(data)
-    checkpoint = previous
     started, first_step = time.perf_counter(), step
-    with open(output / "log.jsonl", "a") as log_file:
+    with open(output / "log.jsonl", "a") if replica.main else contextlib.nullcontext() as log_file:
         while step < config.steps:
             lr = (
                 config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
@@ -192,25 +238,35 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = flow_loss(
-                model, next(batches), config, generator, data.scaling_factor, data.shift_factor, device, bf16
+                network, next(batches), config, generator, data.scaling_factor, data.shift_factor, device, bf16
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             optimizer.step()
-            update_ema(ema, model, config.ema_decay)
+            if ema is not None:
+                update_ema(ema, model, config.ema_decay)
             step += 1
-            losses.append(float(loss.item()))
-            log_file.write(
-                json.dumps({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm)}) + "\n"
-            )
-            if step % config.log_every == 0 or step == config.steps:
-                log_file.flush()
-                rate = (step - first_step) / (time.perf_counter() - started)
+            losses.append(replica.mean(loss))
+            metrics = {"step": step, "loss": losses[-1], "lr": lr, "grad_norm": grad_norm}
+            if log_file is not None:
+                log_file.write(json.dumps(metrics) + "\n")
+            logging_now = step % config.log_every == 0 or step == config.steps
+            if logging_now:
+                rate = metrics["steps_per_second"] = (step - first_step) / (time.perf_counter() - started)
+                if log_file is not None:
+                    log_file.flush()
                 log(f"[train] step {step}/{config.steps}  loss {losses[-1]:.4f}  {rate:.2f} steps/s")
             stopping = stop_after is not None and step >= stop_after
-            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
-                checkpoint = save_checkpoint(output, step, model, ema, optimizer, generator, data.state_dict(), losses)
+            saving = step % config.checkpoint_every == 0 or step == config.steps or stopping
+            if saving:
+                generators = replica.gather(generator_state(generator))
+                if ema is not None:
+                    checkpoint = save_checkpoint(
+                        output, step, model, ema, optimizer, generator, data.state_dict(), losses, generators
+                    )
+            if logging_now or saving:
+                replica.report(metrics, checkpoint if saving and replica.main else None)
             if stopping:
                 break
     elapsed = time.perf_counter() - started

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from curate.config import ModelSpec, Strict
 
@@ -38,9 +38,29 @@ class TrainSettings(Strict):
     device: str = "auto"
 
 
+class Distributed(Strict):
+    """Data-parallel training: the same loop in every worker of a Ray Train TorchTrainer, gradients all-reduced."""
+
+    workers: PositiveInt = 2  # training processes (one per GPU with use_gpu); the global batch is workers * batch_size
+    use_gpu: bool | None = None  # None: GPU workers with device cuda, or auto on a cluster with GPUs
+    resources_per_worker: dict[str, PositiveFloat] | None = None  # e.g. {CPU: 8, GPU: 1}; default 1 CPU (+1 GPU)
+    address: str | None = None  # Ray cluster; `--address` and RAY_ADDRESS take precedence; default a local Ray
+
+
 class TrainConfig(TrainSettings):
     """`curate train CONFIG`: settings plus where the shards are and where checkpoints go."""
 
-    output: str  # a local folder: checkpoints, log.jsonl
+    output: str  # a local folder: checkpoints, log.jsonl (shared by all nodes when distributed)
     shards: str | None = None  # an encode stage folder (RUN/encode) or a shard file
-    num_workers: int = Field(0, ge=0)  # DataLoader workers reading the shards
+    num_workers: int = Field(0, ge=0)  # DataLoader workers reading the shards (per training worker)
+    distributed: Distributed | None = None  # train through Ray Train; None: in this process
+
+    @model_validator(mode="after")
+    def _device_fits_workers(self) -> TrainConfig:
+        use_gpu = self.distributed.use_gpu if self.distributed is not None else None
+        if (use_gpu is True and self.device == "cpu") or (use_gpu is False and self.device.startswith("cuda")):
+            raise ValueError(
+                f"device: {self.device} conflicts with distributed.use_gpu: {str(use_gpu).lower()} "
+                "(leave device at auto: each worker uses the device Ray Train gives it)"
+            )
+        return self
