@@ -44,11 +44,14 @@ class RowGroupCache:
         order: Sequence[int],
         prefetch: int = 1,
         use_threads: bool = True,
+        files: dict[str, pq.ParquetFile] | None = None,
     ):
         self.groups, self.columns, self.info, self.remaining = groups, columns, info, remaining
         self.order, self.prefetch, self.use_threads = list(order), prefetch, use_threads
         self.tables: dict[int, dict[str, Any]] = {}
-        self.files: dict[str, pq.ParquetFile] = {}
+        # opened files (memory maps) may come from the previous epoch: mapping them again costs a page
+        # fault per few pages; they are this object's alone until close()
+        self.files: dict[str, pq.ParquetFile] = {} if files is None else files
         self.pending: dict[int, Future[dict[str, Any]]] = {}
         self.next = 0  # index in `order` of the first row group not yet requested from the reader thread
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="curate-shards") if prefetch > 0 else None

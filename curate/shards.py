@@ -15,6 +15,7 @@ where a resumed run stands without reading data. docs/training-shards.md has the
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,6 +197,10 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         self.epoch = 0
         self.start = 0  # batches of this rank's current epoch already consumed (set by load_state_dict)
         self._served = 0
+        self._files: tuple[int, dict[str, Any]] | None = None  # (pid, opened shard files) between epochs
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn open their own files
+        return {**self.__dict__, "_files": None}
 
     # -- plan ---------------------------------------------------------------------------------------
     def _rank_groups(self, epoch: int, rank: int) -> list[int]:
@@ -276,30 +281,33 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         order = list(dict.fromkeys(g for _, batch in todo for g, _ in batch))
         # Arrow decodes a row group's columns on its threads in one process; DataLoader workers are the
         # parallelism otherwise
+        # an iterator owns the opened files while it runs (a second iterator at the same time opens its own)
+        files = self._files[1] if self._files is not None and self._files[0] == os.getpid() else {}
+        self._files = None
         cache = RowGroupCache(
-            self.groups, self._columns(), self.info, remaining, order, self.prefetch, use_threads=worker is None
+            self.groups, self._columns(), self.info, remaining, order, self.prefetch, worker is None, files
         )
         try:
             for position, batch in todo:
-                yield self._assemble(batch, cache, position)
+                yield self._assemble(batch, cache, position, shared=worker is not None)
                 self._served += 1
         finally:
             cache.close()
+            self._files = (os.getpid(), files)
 
     def _columns(self) -> list[str]:
         wanted = list(SCALARS)
         tensors = [c for c in self.info.columns if self.synthetic or not c.endswith("_synthetic")]
         return wanted + tensors
 
-    def _assemble(self, batch: Batch, cache: RowGroupCache, position: int) -> dict[str, Any]:
+    def _assemble(self, batch: Batch, cache: RowGroupCache, position: int, shared: bool) -> dict[str, Any]:
+        """One batch's dict; ``shared``: in a DataLoader worker (tensors gathered into shared memory)."""
         import torch
-        import torch.utils.data
 
         group = self.groups[batch[0][0]]
         n = sum(len(rows) for _, rows in batch)
         out: dict[str, Any] = {"bucket": group.bucket, "epoch": self.epoch, "position": position}
         tables = {g: cache.get(g) for g, _ in batch}
-        shared = torch.utils.data.get_worker_info() is not None
         for name in self._columns():
             if name not in self.info.columns:
                 continue
