@@ -1,11 +1,12 @@
 """Row groups of encode shards decoded once and gathered into batch arrays, for `curate.shards`.
 
 Where the reader's time goes (bench/encode.py, SD3-sized rows): decoding a row group is one copy
-(Parquet page -> Arrow buffer) and a shuffled batch is one more (gather). Three things keep both at
-memory speed: a row group is read once and served to every batch drawn from it, the next one is read
-on a background thread while the current one is gathered (pyarrow releases the GIL), and batch arrays
-come from Arrow's memory pool, which keeps freed blocks for the next batch instead of returning them to
-the OS (numpy's malloc'd multi-megabyte arrays page-faulted on every batch, halving the gather speed).
+(Parquet page -> Arrow buffer) and a shuffled batch is one more (gather), about equal in cost; a numpy
+memmap read is one. So: a row group is read once and serves every batch drawn from it; the next one is
+decoded on a background thread while the current one is gathered (pyarrow releases the GIL), which is
+what can bring the two copies' wall time toward one where a second core and memory bandwidth are free;
+and batch arrays come from Arrow's memory pool, which keeps freed blocks for the next batch (fresh
+multi-megabyte numpy arrays page-faulted on every batch, halving the gather speed).
 """
 
 from __future__ import annotations

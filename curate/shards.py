@@ -279,11 +279,11 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
             for g, rows in batch:
                 remaining[g] = remaining.get(g, 0) + len(rows)
         order = list(dict.fromkeys(g for _, batch in todo for g, _ in batch))
-        # Arrow decodes a row group's columns on its threads in one process; DataLoader workers are the
-        # parallelism otherwise
         # an iterator owns the opened files while it runs (a second iterator at the same time opens its own)
         files = self._files[1] if self._files is not None and self._files[0] == os.getpid() else {}
         self._files = None
+        # use_threads: Arrow decodes a row group's columns on its threads in the main process; in DataLoader
+        # workers the workers are the parallelism
         cache = RowGroupCache(
             self.groups, self._columns(), self.info, remaining, order, self.prefetch, worker is None, files
         )
