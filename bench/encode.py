@@ -9,7 +9,8 @@ Rows printed (and written with --json):
              on the same batches of already-resized pixels (target: >= 0.9x)
   bytes      bytes per sample of each tensor column in the written shard against its raw tensor size
   reader     samples/s of curate.shards.ShardDataset (shuffled, bucketed batches) against reading the same
-             tensors from numpy memmaps with the same batch size (target: >= 0.5x)
+             tensors from numpy memmaps with the same batch size in fully shuffled batches (target: >= 0.5x),
+             epochs alternated; with --reader-only just the SD3-sized rows (no models built)
 The stage is measured in-process with models loaded once, as a Ray actor runs it; Ray's scheduling is
 not part of the ratio.
 """
@@ -256,8 +257,17 @@ def sd3_sized_shard(folder: Path, n: int, base: int, seed: int = 0) -> str:
     return uri
 
 
-def bench_reader(uri: str | list[str], folder: Path, batch: int, epochs: int = 3, shuffle_rows: bool = True) -> dict:
-    dataset = ShardDataset(uri, batch_size=batch, seed=0, shuffle_rows=shuffle_rows)
+def bench_reader(
+    uri: str | list[str], folder: Path, batch: int, epochs: int = 10, shuffle_rows: bool = True, prefetch: int = 1
+) -> dict:
+    """Reader against numpy memmaps of the same tensors, epochs alternated (load changes hit both alike).
+
+    The memmap reference is a full random gather: each epoch shuffles every bucket's rows and reads
+    ``batch`` of them at a time with one fancy index per column (page-cached memmaps; one copy). The
+    reader's rows are shuffled inside each row group (row groups shuffled globally), so it is never
+    easier for the reader than for the reference. ``cpu_ratio`` compares CPU seconds, counting the
+    reader's background decode thread and Arrow's threads."""
+    dataset = ShardDataset(uri, batch_size=batch, seed=0, shuffle_rows=shuffle_rows, prefetch=prefetch)
     columns = dataset.info.columns
     # memmaps of the same tensors, one file per (bucket, column), read in shuffled bucketed batches
     folder.mkdir(parents=True, exist_ok=True)
@@ -287,25 +297,48 @@ def bench_reader(uri: str | list[str], folder: Path, batch: int, epochs: int = 3
                 count += len(tensors["latent"])
         return count
 
-    started = time.perf_counter()
+    def reader_epoch(epoch: int) -> int:
+        dataset.set_epoch(epoch)
+        return sum(len(b["key"]) for b in dataset)
+
+    seconds = {"memmap": 0.0, "reader": 0.0}
+    cpu = dict(seconds)
+    counts = {"memmap": 0, "reader": 0}
     for e in range(epochs):
-        memmap_epoch(e)
-    memmap_rate = samples * epochs / (time.perf_counter() - started)
-    started = time.perf_counter()
-    count = 0
-    for e in range(epochs):
-        dataset.set_epoch(e)
-        for b in dataset:
-            count += len(b["key"])
-    reader_rate = count / (time.perf_counter() - started)
+        for name, run in (("memmap", memmap_epoch), ("reader", reader_epoch)):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            counts[name] += run(e)
+            seconds[name] += time.perf_counter() - started
+            cpu[name] += time.process_time() - started_cpu
+    if counts["reader"] != counts["memmap"]:
+        raise AssertionError(f"reader served {counts['reader']} samples, the memmaps {counts['memmap']}")
+    reader_rate, memmap_rate = counts["reader"] / seconds["reader"], counts["memmap"] / seconds["memmap"]
     return {
         "row": "reader",
         "shuffle_rows": shuffle_rows,
+        "prefetch": prefetch,
         "samples": samples,
+        "epochs": epochs,
         "reader_samples_per_s": round(reader_rate, 1),
         "memmap_samples_per_s": round(memmap_rate, 1),
         "ratio": round(reader_rate / memmap_rate, 3),
+        "cpu_ratio": round(cpu["memmap"] / cpu["reader"], 3),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def bench_reader_sd3_sizes(work: Path, base: int, samples: int, batch: int, epochs: int) -> list[dict]:
+    """The reader on an SD3-sized shard: default (shuffled rows, read-ahead), unshuffled rows, and
+    shuffled rows without the read-ahead thread (the reader on one thread, besides Arrow's)."""
+    uri = sd3_sized_shard(work / f"sd3-sized-{base}", samples, base)
+    rows = []
+    for shuffle_rows, prefetch in ((True, 1), (False, 1), (True, 0)):
+        row = bench_reader(
+            [uri], work / f"memmap-sd3-sized-{base}", batch, epochs, shuffle_rows=shuffle_rows, prefetch=prefetch
+        )
+        row.update(row="reader_sd3_sizes", resolution=base, size="real tensor sizes")
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -319,26 +352,28 @@ def main() -> None:
     parser.add_argument("--models", help="model folder to reuse (built there if missing)")
     parser.add_argument("--repeats", type=int, default=3, help="stage and direct runs, alternated; best of each")
     parser.add_argument("--reader-samples", type=int, default=96, help="rows of the SD3-sized reader shard")
+    parser.add_argument("--reader-epochs", type=int, default=10, help="reader and memmap epochs, alternated")
+    parser.add_argument("--reader-only", action="store_true", help="only the SD3-sized reader rows (no models)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.device == "cuda" and pick_device(1) != "cuda":
         sys.exit("no CUDA device")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        models = build_tiny_sd3(args.models or work / "models", size=args.size)
+        models = None if args.reader_only else build_tiny_sd3(args.models or work / "models", size=args.size)
         results = []
         for base in args.resolution:
-            rows = bench_resolution(
-                models, base, args.samples, args.batch_size, args.device, args.dtype, work, args.repeats
-            )
-            for row in rows:
-                row.update(device=args.device, size=args.size)
-                print(json.dumps(row), flush=True)
-                results.append(row)
-            uri = sd3_sized_shard(work / f"sd3-sized-{base}", args.reader_samples, base)
-            for shuffle_rows in (True, False):
-                row = bench_reader([uri], work / f"memmap-sd3-sized-{base}", args.batch_size, shuffle_rows=shuffle_rows)
-                row.update(row="reader_sd3_sizes", resolution=base, device=args.device, size="real tensor sizes")
+            rows = []
+            if models is not None:
+                rows = bench_resolution(
+                    models, base, args.samples, args.batch_size, args.device, args.dtype, work, args.repeats
+                )
+                for row in rows:
+                    row.update(device=args.device, size=args.size)
+            for row in rows + bench_reader_sd3_sizes(
+                work, base, args.reader_samples, args.batch_size, args.reader_epochs
+            ):
+                row.setdefault("device", args.device)
                 print(json.dumps(row), flush=True)
                 results.append(row)
     if args.json:

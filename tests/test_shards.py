@@ -9,7 +9,7 @@ import torch
 
 from curate.encode.tensors import column_view
 from curate.runfolder import RunDir, StageDir
-from curate.shards import ShardDataset, ShardLoader, dataloader_skips
+from curate.shards import RowGroup, ShardDataset, ShardLoader, dataloader_skips, plan_slot
 
 pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, full_sd3_vae, encoded_run
 
@@ -134,3 +134,55 @@ def test_even_ranks_yield_the_same_number_of_batches(encoded_run, world_size):
         for r in range(world_size)
     ]
     assert counts[0] == min(sum(len(p) for p in ds.plan(0)) for ds in uneven)
+
+
+def test_plans_serve_every_row_once_in_one_bucket_batches():
+    sizes = [5, 7, 3, 8, 1, 6, 9]
+    groups = [RowGroup("f", i, "64x32" if i % 3 else "32x64", 64, 32, n) for i, n in enumerate(sizes)]
+    everything = sorted((g, r) for g, n in enumerate(sizes) for r in range(n))
+    order = [3, 0, 6, 2, 5, 1, 4]
+    for rng in (np.random.default_rng(0), None):
+        batches = plan_slot(groups, order, 4, False, rng)
+        assert sorted((g, r) for b in batches for g, rows in b for r in rows) == everything
+        assert all(len({groups[g].bucket for g, _ in b}) == 1 for b in batches)
+        assert all(len({g for g, _ in b}) == len(b) for b in batches)  # a row group once per batch
+        assert sorted(sum(len(rows) for _, rows in b) for b in batches)[2:] == [4] * (len(batches) - 2)
+        in_order = all(list(rows) == sorted(rows) for b in batches for _, rows in b)
+        assert in_order == (rng is None)
+    full = plan_slot(groups, order, 4, True, np.random.default_rng(0))
+    assert {sum(len(rows) for _, rows in b) for b in full} == {4} and len(full) == len(batches) - 2
+    assert plan_slot(groups, order, 4, False, np.random.default_rng(1)) == plan_slot(
+        groups, order, 4, False, np.random.default_rng(1)
+    )
+
+
+def test_read_ahead_gives_the_same_batches(encoded_run):
+    def batches(prefetch):
+        ds = ShardDataset(stage_uri(encoded_run), batch_size=3, seed=2, prefetch=prefetch)
+        return [(b["key"], b["latent"].clone(), b["t5_synthetic"].clone()) for b in ds]
+
+    ahead, inline = batches(2), batches(0)
+    assert [k for k, _, _ in ahead] == [k for k, _, _ in inline] and len(ahead) >= 4
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (_, a, c), (_, b, d) in zip(ahead, inline, strict=True))
+    partial = iter(ShardDataset(stage_uri(encoded_run), batch_size=3, seed=2))
+    assert next(partial)["key"] == ahead[0][0]
+    partial.close()  # an abandoned epoch stops its reader thread
+
+
+class _SharedProbe(torch.utils.data.IterableDataset):
+    """Inside a DataLoader worker: is each gathered batch tensor already in shared memory?"""
+
+    def __init__(self, dataset: ShardDataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        for batch in self.dataset:
+            yield torch.tensor([batch[n].is_shared() for n in ("latent", "clip_l", "pooled", "t5_synthetic")])
+
+
+def test_workers_gather_into_shared_memory(encoded_run):
+    """torch copies a worker's ordinary tensors into shared memory to send them; gathered batches are
+    allocated there, as default_collate does, so that copy is not made."""
+    ds = ShardDataset(stage_uri(encoded_run), batch_size=3, seed=4, drop_last=True)
+    flags = list(torch.utils.data.DataLoader(_SharedProbe(ds), batch_size=None, num_workers=1))
+    assert flags and all(bool(f.all()) for f in flags)
