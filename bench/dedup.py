@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -26,43 +27,76 @@ from pathlib import Path
 import numpy as np
 
 
-def bench_vectors(n: int, threshold: float, brute_max: int, seed: int) -> list[dict]:
+def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: int) -> list[dict]:
     from curate.dedup.cluster import DedupParams, brute_force_pairs, dedup, pair_recall, planted_vectors
 
     x, group = planted_vectors(n, seed=seed)
     rows = []
     truth, brute_seconds = None, None
-    if n > brute_max:  # the quadratic reference is skipped; recall against the planted pairs instead
-        truth = planted_truth(x, group, threshold)
-    else:
+    if n <= brute_max:
+        load = os.getloadavg()[0]
         started, cpu = time.perf_counter(), time.process_time()
         truth = brute_force_pairs(x, threshold)
         brute_seconds = time.perf_counter() - started
         rows.append({"n": n, "method": "brute-force IndexFlatIP.range_search", "seconds": brute_seconds,
                      "cpu_seconds": time.process_time() - cpu, "pairs": len(truth), "recall": 1.0,
-                     "speedup": 1.0})  # fmt: skip
-    for label, params in [
-        ("clustered, default (top-2, refine 2)", DedupParams(threshold=threshold)),
-        ("clustered, top-1 (refine 2)", DedupParams(threshold=threshold, assign_top=1)),
-        ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
-    ]:
+                     "speedup": 1.0, "load": (load, os.getloadavg()[0])})  # fmt: skip
+    planted = planted_truth(x, group, threshold)
+    configs = [("clustered, default", DedupParams(threshold=threshold))]
+    if n <= brute_max:
+        configs += [
+            ("clustered, default, fp32 products", DedupParams(threshold=threshold, precision="fp32")),
+            ("clustered, top-1", DedupParams(threshold=threshold, assign_top=1)),
+            ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
+        ]
+    for label, params in configs:
+        load = os.getloadavg()[0]
         started, cpu = time.perf_counter(), time.process_time()
         result = dedup(x, params=params)
         seconds = time.perf_counter() - started
-        rows.append(
-            {
-                "n": n,
-                "method": label,
-                "k": len(result.clustering.centroids),
-                "seconds": seconds,
-                "cpu_seconds": time.process_time() - cpu,
-                "steps": {k: round(v, 2) for k, v in result.seconds.items()},
-                "pairs": len(result.pairs),
-                "recall": pair_recall(result.pairs, truth, n) if truth is not None else None,
-                "speedup": brute_seconds / seconds if brute_seconds else None,
-            }
-        )
+        row = {
+            "n": n,
+            "method": label,
+            "k": len(result.clustering.centroids),
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu,
+            "steps": {k: round(v, 2) for k, v in result.seconds.items()},
+            "pairs": len(result.pairs),
+            "recall": pair_recall(result.pairs, truth, n) if truth is not None else None,
+            "planted_recall": pair_recall(result.pairs, planted, n),
+            "speedup": brute_seconds / seconds if brute_seconds else None,
+            "load": (load, os.getloadavg()[0]),
+        }
+        if truth is None and label == "clustered, default":
+            row["sampled_recall"], row["sampled_pairs"], row["sample_seconds"] = sampled_recall(
+                x, result.pairs, threshold, queries, seed
+            )
+        rows.append(row)
     return rows
+
+
+def sampled_recall(x: np.ndarray, found, threshold: float, queries: int, seed: int) -> tuple[float, int, float]:
+    """Pair recall on the exact neighbours of ``queries`` random rows: their dense float32 products with all N
+    rows (what IndexFlatIP.range_search computes, in row blocks so no index copy of x is made). Every true
+    pair of a sampled row is checked, so this estimates recall over all pairs without the N^2 reference."""
+    from curate.dedup.cluster import normalize
+
+    started = time.perf_counter()
+    n = len(x)
+    q = np.sort(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False))
+    xq = normalize(x[q])
+    lo_all, hi_all = [], []
+    for start in range(0, n, 65_536):
+        sims = xq @ normalize(x[start : start + 65_536]).T
+        qi, col = np.nonzero(sims > threshold)
+        other = col + start
+        mask = other != q[qi]
+        lo_all.append(np.minimum(q[qi][mask], other[mask]))
+        hi_all.append(np.maximum(q[qi][mask], other[mask]))
+    lo, hi = np.concatenate(lo_all), np.concatenate(hi_all)
+    truth = np.unique(lo.astype(np.int64) * n + hi)
+    recall = float(np.isin(truth, found.keys(n)).mean()) if len(truth) else 1.0
+    return recall, len(truth), time.perf_counter() - started
 
 
 def planted_truth(x: np.ndarray, group: np.ndarray, threshold: float):
@@ -190,6 +224,9 @@ def main() -> None:
         help="above this N skip the quadratic reference; recall is then against the planted pairs (see planted_truth)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--queries", type=int, default=2000, help="above --brute-max: rows whose exact neighbours score recall"
+    )
     parser.add_argument("--skip-sscd", action="store_true")
     parser.add_argument("--sscd-images", type=int, default=256)
     parser.add_argument("--sscd-batch", type=int, default=32)
@@ -201,8 +238,13 @@ def main() -> None:
 
     import faiss
 
+    from curate.dedup.cluster import DedupParams, dedup
+    from curate.dedup.products import bf16_native
+
     print(f"# {platform.node()} faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
-          f"GPUs seen by FAISS: {getattr(faiss, 'get_num_gpus', lambda: 0)()}")  # fmt: skip
+          f"GPUs seen by FAISS: {getattr(faiss, 'get_num_gpus', lambda: 0)()}; bf16 products: {bf16_native()}; "
+          f"load average {os.getloadavg()}")  # fmt: skip
+    dedup(np.random.default_rng(0).standard_normal((4096, 512)), params=DedupParams())  # imports, kernel set-up
     sizes = sorted({min(100_000, args.n), args.n})
     if args.sweep:
         rows = [row for n in sizes for row in sweep(n, args.threshold, args.seed)]
@@ -210,21 +252,30 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
         return
     results: dict = {"vectors": [], "sscd": None}
-    print(
-        f"{'N':>9} {'method':<42} {'K':>6} {'seconds':>8} {'cpu s':>8} {'pairs':>8} {'recall':>7} {'speedup':>8}  steps"
-    )
+    print(f"{'N':>9} {'method':<40} {'K':>6} {'seconds':>8} {'cpu s':>8} {'pairs':>8} {'recall':>7} {'planted':>7} "
+          f"{'speedup':>8} {'load':>11}  steps")  # fmt: skip
     for n in sizes:
-        for row in bench_vectors(n, args.threshold, args.brute_max, args.seed):
+        for row in bench_vectors(n, args.threshold, args.brute_max, args.seed, args.queries):
             results["vectors"].append(row)
             recall = f"{row['recall']:.4f}" if row["recall"] is not None else "-"
+            planted = f"{row['planted_recall']:.4f}" if row.get("planted_recall") is not None else "-"
             speedup = f"{row['speedup']:.1f}x" if row["speedup"] is not None else "-"
-            print(f"{row['n']:>9,} {row['method']:<42} {row.get('k', '-'):>6} {row['seconds']:>8.2f} "
-                  f"{row['cpu_seconds']:>8.2f} "
-                  f"{row['pairs']:>8,} {recall:>7} {speedup:>8}  {row.get('steps', '')}", flush=True)  # fmt: skip
-    ours = [r for r in results["vectors"] if r["method"].startswith("clustered, default")]
+            load = "{:.1f}-{:.1f}".format(*row["load"])
+            print(f"{row['n']:>9,} {row['method']:<40} {row.get('k', '-'):>6} {row['seconds']:>8.2f} "
+                  f"{row['cpu_seconds']:>8.2f} {row['pairs']:>8,} {recall:>7} {planted:>7} {speedup:>8} {load:>11}  "
+                  f"{row.get('steps', '')}", flush=True)  # fmt: skip
+            if "sampled_recall" in row:
+                print(f"# N={n:,}: exact neighbours of {args.queries:,} random rows against all rows "
+                      f"({row['sample_seconds']:.0f} s): {row['sampled_pairs']:,} true pairs, "
+                      f"recall {row['sampled_recall']:.4f}")  # fmt: skip
+    ours = [r for r in results["vectors"] if r["method"] == "clustered, default"]
     if len(ours) > 1:
-        growth = ours[-1]["seconds"] / ours[0]["seconds"]
-        print(f"# default dedup time x{growth:.1f} for N x{ours[-1]['n'] / ours[0]['n']:.0f}")
+        first, last = ours[0], ours[-1]
+        growth = last["seconds"] / first["seconds"]
+        steps = {k: round(last["steps"][k] / max(first["steps"][k], 1e-3), 1) for k in first["steps"]}
+        print(f"# default dedup: t({last['n']:,}) / t({first['n']:,}) = {growth:.1f} "
+              f"for N x{last['n'] / first['n']:.0f} "
+              f"(CPU seconds x{last['cpu_seconds'] / first['cpu_seconds']:.1f}); per step {steps}")  # fmt: skip
     if not args.skip_sscd:
         row = bench_sscd(args.sscd_images, args.sscd_batch, args.sscd_model, args.threads)
         results["sscd"] = row

@@ -40,6 +40,7 @@ class DedupConfig(StageConfig):
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
     gpu: Literal["auto"] | bool = "auto"  # FAISS GPU k-means / assignment when importable and a GPU is visible
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # CPU products; auto: bf16 on AMX/AVX512-BF16 CPUs
     seed: int = 1234
     analysis_clusters: PositiveInt = 100  # clusters sampled for the threshold analysis
     analysis_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -54,6 +55,7 @@ class DedupConfig(StageConfig):
             refine_iters=self.refine_iters,
             seed=self.seed,
             gpu=None if self.gpu == "auto" else self.gpu,
+            precision=self.precision,
         )
 
 
