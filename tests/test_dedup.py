@@ -65,6 +65,15 @@ def test_bf16_candidates_give_exactly_the_float32_pairs():
         assert np.allclose(found.sim[order], truth.sim[reference], atol=1e-5)
 
 
+def test_rounds_unite_independent_clusterings():
+    x, _ = planted_vectors(8000, seed=4)
+    truth = brute_force_pairs(x, 0.75)
+    plain = DedupParams(clusters=200, assign_top=1, refine_iters=0)  # SD3's plain recipe: recall well below 1
+    one, two = dedup(x, params=plain), dedup(x, params=DedupParams(**{**vars(plain), "rounds": 2}))
+    assert set(one.pairs.keys(len(x)).tolist()) < set(two.pairs.keys(len(x)).tolist())  # round 1 is the same
+    assert pair_recall(one.pairs, truth, len(x)) + 0.03 < pair_recall(two.pairs, truth, len(x))  # 0.946 -> 0.996
+
+
 def test_default_clusters_grow_with_data():
     assert default_clusters(1) == 1
     assert default_clusters(40) == 10

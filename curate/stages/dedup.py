@@ -37,6 +37,7 @@ class DedupConfig(StageConfig):
     points_per_centroid: PositiveInt = 32  # k-means training sample = min(N, this * K)
     niter: PositiveInt = 5  # k-means iterations on the sample (the refine iterations follow)
     refine_iters: int = Field(2, ge=0)  # Lloyd iterations over all vectors afterwards (each one assignment pass)
+    rounds: PositiveInt = 1  # independent clusterings whose pairs are united (docs/dedup.md: 2 for >= 1M rows)
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
     gpu: Literal["auto"] | bool = "auto"  # FAISS GPU k-means / assignment when importable and a GPU is visible
@@ -53,6 +54,7 @@ class DedupConfig(StageConfig):
             points_per_centroid=self.points_per_centroid,
             niter=self.niter,
             refine_iters=self.refine_iters,
+            rounds=self.rounds,
             seed=self.seed,
             gpu=None if self.gpu == "auto" else self.gpu,
             precision=self.precision,
@@ -140,6 +142,7 @@ def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[d
         "metric": "cosine similarity of L2-normalised SSCD embeddings (inner product), strictly greater",
         "order": config.order,
         "assign_top": config.assign_top,
+        "rounds": config.rounds,
         "k": k,
         "k_default": default_clusters(len(reps)),
         "clusters": cluster_size_stats(result.cluster, k),
