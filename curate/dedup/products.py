@@ -28,7 +28,8 @@ import numpy as np
 
 Precision = Literal["auto", "bf16", "fp32"]
 BF16_MARGIN = 0.01  # candidates above threshold - margin are rechecked in float32 (bf16 error < 0.006)
-ROWS = 4096  # rows per product block: bounds the (rows x K) similarity block
+ROWS = 4096  # rows per range-search block inside a large cluster (memory bound)
+ASSIGN_ROWS = 2048  # rows per nearest-centroid block (measured ~10% less CPU than 4096 at K=3000: cache)
 
 
 def cores() -> int:
@@ -125,20 +126,20 @@ def nearest(x: Vectors, centroids: np.ndarray, top: int, threads: int = 0) -> np
         ct = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(torch.bfloat16).T.contiguous()
 
         def block(start: int) -> None:
-            sims = x.b16[start : start + ROWS] @ ct
-            out[start : start + ROWS] = _top_bf16(sims, top, lambda: x.b16[start : start + ROWS] @ ct)
+            sims = x.b16[start : start + ASSIGN_ROWS] @ ct
+            out[start : start + ASSIGN_ROWS] = _top_bf16(sims, top, lambda: x.b16[start : start + ASSIGN_ROWS] @ ct)
     else:
         c = np.ascontiguousarray(centroids, np.float32).T
 
         def block(start: int) -> None:
-            sims = np.asarray(x.f32[start : start + ROWS], np.float32) @ c
+            sims = np.asarray(x.f32[start : start + ASSIGN_ROWS], np.float32) @ c
             rows = np.arange(len(sims))
             for t in range(top):
                 best = sims.argmax(axis=1)
-                out[start : start + ROWS, t] = best
+                out[start : start + ASSIGN_ROWS, t] = best
                 sims[rows, best] = -np.inf
 
-    run_parallel(block, range(0, len(x), ROWS), threads)
+    run_parallel(block, range(0, len(x), ASSIGN_ROWS), threads)
     return out
 
 
