@@ -95,9 +95,10 @@ class DedupResult:
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # no N x d temporary (np.linalg.norm makes one)
-    return x / np.maximum(norms, 1e-12)
+    """A float32 copy with unit rows: one N x d allocation whatever the input dtype (float16 from the stage)."""
+    y = np.array(x, dtype=np.float32, order="C", copy=True)
+    y /= np.maximum(np.sqrt(np.einsum("ij,ij->i", y, y)), 1e-12)[:, None]  # einsum: no N x d temporary
+    return y
 
 
 def gpu_available() -> bool:

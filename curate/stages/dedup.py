@@ -104,7 +104,7 @@ def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[d
     sha = [h if ok[i] and config.exact else None for i, h in enumerate(table["sha256"].to_pylist())]
     exact_of = exact_groups(sha, rank)
     reps = np.flatnonzero(ok & (exact_of < 0))
-    x = vectors[reps].astype(np.float32)
+    x = vectors[reps]  # float16 rows; dedup makes the one float32 (and bf16) working copy
     result = cluster_dedup(x, rank[reps], config.params())
 
     keep = np.zeros(n, bool)
@@ -125,9 +125,7 @@ def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[d
     reason[exact] = "exact_duplicate"
 
     k = len(result.clustering.centroids)
-    analysis = threshold_analysis(
-        x.astype(np.float32), result.cluster, rank[reps], config.analysis_thresholds, config.analysis_clusters
-    )
+    analysis = threshold_analysis(x, result.cluster, rank[reps], config.analysis_thresholds, config.analysis_clusters)
     sizes = np.bincount(result.cluster, minlength=k) if len(reps) else np.zeros(0, np.int64)
     removed = int((ok & ~keep).sum())
     report = {
@@ -218,7 +216,8 @@ def kept_keys(dedup_stage_uri: str, index: int) -> set[str]:
 
 def describe(config: DedupConfig) -> str:
     k = config.clusters or "3*sqrt(N)"
-    return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment, {config.order}"
+    rounds = f", {config.rounds} rounds" if config.rounds > 1 else ""
+    return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment{rounds}, {config.order}"
 
 
 SPEC = StageSpec(
