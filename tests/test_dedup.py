@@ -42,6 +42,38 @@ def test_clustered_search_matches_brute_force_with_defaults():
     assert abs(int((~result.keep).sum()) - int((~keep_truth).sum())) <= 0.01 * (~keep_truth).sum()
 
 
+def test_bf16_candidates_give_exactly_the_float32_pairs():
+    """bf16 products only pick candidates (margin 0.01); pairs within 0.005 of the threshold on both sides
+    come out exactly as float32 brute force finds them, with float32 similarities."""
+    from curate.dedup.cluster import normalize, range_search_members
+    from curate.dedup.products import Vectors
+
+    rng = np.random.default_rng(5)
+    base = normalize(rng.standard_normal((3000, 512)))
+    noise = rng.standard_normal(base.shape).astype(np.float32)
+    noise = normalize(noise - (noise * base).sum(1, keepdims=True) * base)
+    target = rng.uniform(0.745, 0.755, (len(base), 1)).astype(np.float32)
+    target = np.where(np.abs(target - 0.75) < 2e-4, target + 5e-4, target)  # no float32 rounding ties
+    x = np.concatenate([base, normalize(target * base + np.sqrt(1 - target**2) * noise)])
+    truth = brute_force_pairs(x, 0.75)
+    assert 1000 < len(truth) < 2000  # about half the planted pairs are above the threshold
+    everyone = np.arange(len(x))
+    for vectors in (Vectors.of(x, bf16=True), Vectors.of(x, bf16=False)):
+        found = range_search_members(vectors, everyone, 0.75, block_rows=1024)
+        assert sorted(found.keys(len(x)).tolist()) == sorted(truth.keys(len(x)).tolist())
+        order, reference = np.argsort(found.keys(len(x))), np.argsort(truth.keys(len(x)))
+        assert np.allclose(found.sim[order], truth.sim[reference], atol=1e-5)
+
+
+def test_rounds_unite_independent_clusterings():
+    x, _ = planted_vectors(8000, seed=4)
+    truth = brute_force_pairs(x, 0.75)
+    plain = DedupParams(clusters=200, assign_top=1, refine_iters=0)  # SD3's plain recipe: recall well below 1
+    one, two = dedup(x, params=plain), dedup(x, params=DedupParams(**{**vars(plain), "rounds": 2}))
+    assert set(one.pairs.keys(len(x)).tolist()) < set(two.pairs.keys(len(x)).tolist())  # round 1 is the same
+    assert pair_recall(one.pairs, truth, len(x)) + 0.03 < pair_recall(two.pairs, truth, len(x))  # 0.946 -> 0.996
+
+
 def test_default_clusters_grow_with_data():
     assert default_clusters(1) == 1
     assert default_clusters(40) == 10

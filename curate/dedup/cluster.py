@@ -2,28 +2,29 @@
 greedy keep/mark. No Ray and no files here, so the algorithm is testable and benchmarkable on its own.
 
 Method (Esser et al. 2024, App. E.2):
-1. spherical k-means (FAISS) on a sample of the L2-normalised embeddings into K clusters, then
-   ``refine_iters`` Lloyd iterations over all vectors (each one assignment pass);
+1. spherical k-means on a sample of the L2-normalised embeddings into K clusters (Lloyd from K random
+   sample rows, as FAISS initialises), then ``refine_iters`` Lloyd iterations over all vectors;
 2. every vector assigned to its nearest centroid (optionally its ``assign_top`` nearest, so a pair split by
    a cluster boundary still meets in one cluster);
 3. inside each cluster an exact range search: all pairs with cosine similarity > ``threshold``;
 4. greedy: walk the items in keep order; the first unmarked item of a group is kept and all its neighbours
    are marked as its duplicates. A marked item marks nobody.
 
-Cost: k-means on ``sample`` vectors, assignment N x K x d, range search sum over clusters of size^2 x d.
-With K ~ sqrt(N) both are ~N^1.5 x d multiply-adds (BLAS), versus N^2 x d for a brute-force search.
+Cost: each Lloyd/assignment pass is N x K x d multiply-adds, the range search about N x top^2 x (N/K) x d;
+with K ~ sqrt(N) both grow as N^1.5 (versus N^2 x d for brute force). The products run in bf16 on CPUs
+with AMX/AVX512-BF16 (curate.dedup.products; similarities stay exact float32), on a GPU through FAISS.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from curate.dedup.products import Precision, Vectors, nearest, pairs_above, pairs_in_clusters, use_bf16
 
 MAX_CLUSTERS = 16_000  # SD3's K at their scale; beyond it clusters grow instead (see default_clusters)
 
@@ -48,8 +49,10 @@ class DedupParams:
     points_per_centroid: int = 32  # k-means training sample = min(N, this * K)
     niter: int = 5  # on the sample; the refine iterations over all vectors follow (measured: 10 adds nothing)
     refine_iters: int = 2  # Lloyd iterations over all vectors after training on the sample
+    rounds: int = 1  # independent clusterings (seed, seed+1, ...) whose pairs are united: recall for time
     seed: int = 1234
     gpu: bool | None = None  # FAISS GPU k-means and assignment; None: when FAISS sees a GPU
+    precision: Precision = "auto"  # CPU products: bf16 (auto: when the CPU has AMX/AVX512-BF16) or fp32
     threads: int = 0  # clusters searched at once, each with single-threaded BLAS; 0: one per core
     block_rows: int = 4096  # rows per similarity block inside a large cluster (memory bound)
 
@@ -92,18 +95,10 @@ class DedupResult:
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def _cores() -> int:
-    try:
-        import faiss
-
-        return max(1, faiss.omp_get_max_threads())  # honours OMP_NUM_THREADS, which Ray sets per task
-    except Exception:
-        return max(1, os.cpu_count() or 1)
+    """A float32 copy with unit rows: one N x d allocation whatever the input dtype (float16 from the stage)."""
+    y = np.array(x, dtype=np.float32, order="C", copy=True)
+    y /= np.maximum(np.sqrt(np.einsum("ij,ij->i", y, y)), 1e-12)[:, None]  # einsum: no N x d temporary
+    return y
 
 
 def gpu_available() -> bool:
@@ -115,89 +110,82 @@ def gpu_available() -> bool:
         return False
 
 
-def cluster(x: np.ndarray, params: DedupParams) -> Clustering:
-    """Spherical k-means on a sample, then every vector's ``assign_top`` nearest centroids."""
-    import faiss
-
-    n, d = x.shape
+def cluster(x: np.ndarray | Vectors, params: DedupParams) -> Clustering:
+    """Spherical k-means on a sample, ``refine_iters`` Lloyd iterations over all rows, then every row's
+    ``assign_top`` nearest centroids. CPU: our Lloyd on bf16/float32 products (curate.dedup.products);
+    GPU: FAISS's k-means and a FAISS GPU flat index."""
+    vectors = x if isinstance(x, Vectors) else Vectors.of(x, use_bf16(params.precision))
+    n, d = vectors.f32.shape
     k = min(params.clusters or default_clusters(n), n)
     top = min(params.assign_top, k)
     gpu = gpu_available() if params.gpu is None else params.gpu
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if k == 1:
-        centroids = normalize(x.mean(axis=0, keepdims=True)) if n else np.zeros((1, d), np.float32)
+        centroids = normalize(vectors.f32.mean(axis=0, keepdims=True)) if n else np.zeros((1, d), np.float32)
     else:
-        sample_size = min(n, params.points_per_centroid * k)
         rng = np.random.default_rng(params.seed)
-        sample = x[np.sort(rng.choice(n, sample_size, replace=False))] if sample_size < n else x
-        kmeans = faiss.Kmeans(
-            d,
-            k,
-            niter=params.niter,
-            spherical=True,
-            seed=params.seed,
-            max_points_per_centroid=params.points_per_centroid,
-            min_points_per_centroid=1,  # small runs: fewer points per centroid is fine for partitioning
-            gpu=bool(gpu),
-        )
-        kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
-        centroids = normalize(kmeans.centroids)
+        sample_size = min(n, params.points_per_centroid * k)
+        sample = vectors.take(np.sort(rng.choice(n, sample_size, replace=False))) if sample_size < n else vectors
+        if gpu:
+            centroids = _faiss_kmeans(sample.f32, k, params, gpu=True)
+        else:
+            centroids = sample.f32[np.sort(rng.choice(len(sample), k, replace=False))]  # FAISS's init too
+            for _ in range(params.niter):
+                centroids = _lloyd_step(sample.f32, centroids, nearest(sample, centroids, 1, params.threads)[:, 0])
     seconds["kmeans"] = time.perf_counter() - started
     started = time.perf_counter()
+
+    def assign(centroids: np.ndarray, top: int) -> np.ndarray:
+        return _assign_gpu(vectors.f32, centroids, top) if gpu else nearest(vectors, centroids, top, params.threads)
+
     for _ in range(params.refine_iters if k > 1 else 0):
-        centroids = _lloyd_step(x, centroids, _assign(x, centroids, 1, gpu)[:, 0])
+        centroids = _lloyd_step(vectors.f32, centroids, assign(centroids, 1)[:, 0])
     seconds["refine"] = time.perf_counter() - started
     started = time.perf_counter()
-    assignment = _assign(x, centroids, top, gpu)
+    assignment = assign(centroids, top) if k > 1 else np.zeros((n, 1), np.int64)
     seconds["assign"] = time.perf_counter() - started
     return Clustering(centroids, assignment, seconds)
 
 
-_BLOCK = 262_144  # rows per block: bounds the float32 copy of fp16 input
+def _faiss_kmeans(sample: np.ndarray, k: int, params: DedupParams, gpu: bool) -> np.ndarray:
+    import faiss
+
+    kmeans = faiss.Kmeans(
+        sample.shape[1],
+        k,
+        niter=params.niter,
+        spherical=True,
+        seed=params.seed,
+        max_points_per_centroid=params.points_per_centroid,
+        min_points_per_centroid=1,  # small runs: fewer points per centroid is fine for partitioning
+        gpu=gpu,
+    )
+    kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return normalize(kmeans.centroids)
 
 
-def _assign(x: np.ndarray, centroids: np.ndarray, top: int, gpu: bool, threads: int = 0) -> np.ndarray:
-    """The ``top`` nearest centroids (inner product) of every row, nearest first.
+_BLOCK = 262_144  # rows per block of the GPU assignment and the Lloyd update
 
-    GPU: a FAISS GPU flat index. CPU: blocks of rows times the centroids in a thread pool with one BLAS
-    thread each, then ``top`` argmax passes. Same result as FAISS IndexFlatIP.search; measured 2-5x faster
-    on 2 busy cores, where FAISS's OpenMP threads spin against other processes.
-    """
-    if gpu:
-        import faiss
 
-        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(centroids.shape[1]))
-        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-        assignment = np.empty((len(x), top), np.int64)
-        for start in range(0, len(x), _BLOCK):
-            _, labels = index.search(np.ascontiguousarray(x[start : start + _BLOCK], dtype=np.float32), top)
-            assignment[start : start + _BLOCK] = labels
-        return assignment
-    from threadpoolctl import threadpool_limits
+def _assign_gpu(x: np.ndarray, centroids: np.ndarray, top: int) -> np.ndarray:
+    """The ``top`` nearest centroids of every row on a FAISS GPU flat index (same answer as IndexFlatIP)."""
+    import faiss
 
-    c = np.ascontiguousarray(centroids, dtype=np.float32).T
+    index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(centroids.shape[1]))
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     assignment = np.empty((len(x), top), np.int64)
-    step = 4096
-
-    def block(start: int) -> None:
-        sims = np.asarray(x[start : start + step], dtype=np.float32) @ c
-        rows = np.arange(len(sims))
-        for t in range(top):
-            best = sims.argmax(axis=1)
-            assignment[start : start + step, t] = best
-            sims[rows, best] = -np.inf
-
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads or _cores()) as pool:
-        list(pool.map(block, range(0, len(x), step)))
+    for start in range(0, len(x), _BLOCK):
+        _, labels = index.search(np.ascontiguousarray(x[start : start + _BLOCK], dtype=np.float32), top)
+        assignment[start : start + _BLOCK] = labels
     return assignment
 
 
 def _lloyd_step(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """One spherical k-means update over *all* rows (the sample-trained centroids only saw a sample).
+    """One spherical k-means update: each centroid becomes the normalised sum of its rows.
 
-    Every row then pulls on its own centroid, which measurably keeps near-duplicates together
-    (docs/dedup.md); it costs one assignment pass. Empty clusters keep their centroid.
+    Over *all* rows (the refine iterations) every row then pulls on its own centroid, which measurably
+    keeps near-duplicates together (docs/dedup.md). Empty clusters keep their centroid.
     """
     import scipy.sparse
 
@@ -229,26 +217,13 @@ def members_by_cluster(assignment: np.ndarray, k: int) -> Iterator[np.ndarray]:
             yield np.unique(members)
 
 
-def range_search_members(x: np.ndarray, members: np.ndarray, threshold: float, block_rows: int = 4096) -> Pairs:
-    """Exact range search inside one cluster: every pair (i < j) with x_i . x_j > threshold.
-
-    A dense inner-product block (BLAS) is what FAISS's IndexFlatIP.range_search computes too; done here
-    directly it avoids building an index per cluster. Blocks of ``block_rows`` bound memory on huge clusters.
-    """
-    sub = np.ascontiguousarray(x[members], dtype=np.float32)
-    found_i, found_j, found_s = [], [], []
-    for start in range(0, len(sub), block_rows):
-        rows = sub[start : start + block_rows]
-        sims = rows @ sub[start:].T  # only the upper triangle (columns >= row) is needed
-        ii, jj = np.nonzero(sims > threshold)
-        keep = jj > ii  # drop self matches and the lower half of the diagonal block
-        ii, jj = ii[keep], jj[keep]
-        found_s.append(sims[ii, jj])
-        found_i.append(members[ii + start])
-        found_j.append(members[jj + start])
-    if not found_i:
-        return Pairs.empty()
-    return Pairs(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s).astype(np.float32))
+def range_search_members(
+    x: np.ndarray | Vectors, members: np.ndarray, threshold: float, block_rows: int = 4096
+) -> Pairs:
+    """Exact range search inside one cluster: every pair (i < j) with x_i . x_j > threshold (float32 values;
+    with bf16 products only the candidate search is in bf16, see curate.dedup.products)."""
+    vectors = x if isinstance(x, Vectors) else Vectors(np.asarray(x, np.float32))
+    return Pairs(*pairs_above(vectors, np.asarray(members, np.int64), threshold, block_rows))
 
 
 def unique_pairs(parts: list[Pairs], n: int) -> Pairs:
@@ -264,29 +239,18 @@ def unique_pairs(parts: list[Pairs], n: int) -> Pairs:
     return Pairs(lo[first], hi[first], s[first])
 
 
-def clustered_pairs(x: np.ndarray, clustering: Clustering, params: DedupParams) -> Pairs:
-    """Range search in every cluster, clusters in parallel threads with single-threaded BLAS each.
+def clustered_pairs(x: np.ndarray | Vectors, clustering: Clustering, params: DedupParams) -> Pairs:
+    """Range search in every cluster, clusters in parallel threads with one BLAS/PyTorch thread each.
 
     Measured: multi-threaded OpenBLAS on many small (hundreds of rows) products is up to 30x slower than
     one BLAS thread per cluster when the cores are busy, and no faster when they are idle.
     """
-    from threadpoolctl import threadpool_limits
-
-    k = len(clustering.centroids)
-    threads = params.threads or _cores()
-    clusters = list(members_by_cluster(clustering.assignment, k))
+    vectors = x if isinstance(x, Vectors) else Vectors.of(x, use_bf16(params.precision))
+    clusters = list(members_by_cluster(clustering.assignment, len(clustering.centroids)))
     clusters.sort(key=len, reverse=True)  # big ones first so threads finish together
 
-    def search(members: np.ndarray) -> Pairs:
-        return range_search_members(x, members, params.threshold, params.block_rows)
-
-    with threadpool_limits(1, user_api="blas"):
-        if threads == 1:
-            parts = [search(m) for m in clusters]
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(search, clusters))
-    return unique_pairs(parts, len(x))
+    found = pairs_in_clusters(vectors, clusters, params.threshold, params.block_rows, params.threads)
+    return unique_pairs([Pairs(*part) for part in found], len(vectors))
 
 
 def greedy(n: int, pairs: Pairs, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -326,15 +290,25 @@ def dedup(x: np.ndarray, rank: np.ndarray | None = None, params: DedupParams | N
         empty = np.zeros(0, np.int64)
         clustering = Clustering(np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32), empty.reshape(0, 1))
         return DedupResult(np.zeros(0, bool), empty, np.zeros(0, np.float32), empty, Pairs.empty(), clustering, {})
-    xs = normalize(x)
-    clustering = cluster(xs, params)
     started = time.perf_counter()
-    pairs = clustered_pairs(xs, clustering, params)
-    search_seconds = time.perf_counter() - started
+    xs = normalize(x)
+    vectors = Vectors.of(xs, use_bf16(params.precision))
+    seconds = {"normalize": time.perf_counter() - started}
+    found, clusterings = [], []
+    for round_ in range(params.rounds):  # independent clusterings (seeds): a pair needs to meet in one
+        clustering = cluster(vectors, replace(params, seed=params.seed + round_))
+        started = time.perf_counter()
+        found.append(clustered_pairs(vectors, clustering, params))
+        clustering.seconds["range_search"] = time.perf_counter() - started
+        clusterings.append(clustering)
+        for step, value in clustering.seconds.items():
+            seconds[step] = seconds.get(step, 0.0) + value
+    pairs = unique_pairs(found, n) if len(found) > 1 else found[0]
     started = time.perf_counter()
     keep, dup_of, similarity = greedy(n, pairs, rank)
-    seconds = {**clustering.seconds, "range_search": search_seconds, "greedy": time.perf_counter() - started}
-    return DedupResult(keep, dup_of, similarity, clustering.assignment[:, 0], pairs, clustering, seconds)
+    seconds["greedy"] = time.perf_counter() - started
+    first = clusterings[0]
+    return DedupResult(keep, dup_of, similarity, first.assignment[:, 0], pairs, first, seconds)
 
 
 def brute_force_pairs(x: np.ndarray, threshold: float) -> Pairs:

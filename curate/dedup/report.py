@@ -32,7 +32,7 @@ def threshold_analysis(
     rng = np.random.default_rng(seed)
     chosen = rng.choice(clusters, min(sample_clusters, len(clusters)), replace=False)
     members = np.flatnonzero(np.isin(cluster, chosen))
-    local = x[members]
+    local = np.asarray(x[members], np.float32)  # only the sampled clusters' rows in float32
     pairs = Pairs.empty()
     found = []
     for c in chosen:

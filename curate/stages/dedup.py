@@ -37,9 +37,11 @@ class DedupConfig(StageConfig):
     points_per_centroid: PositiveInt = 32  # k-means training sample = min(N, this * K)
     niter: PositiveInt = 5  # k-means iterations on the sample (the refine iterations follow)
     refine_iters: int = Field(2, ge=0)  # Lloyd iterations over all vectors afterwards (each one assignment pass)
+    rounds: PositiveInt = 1  # independent clusterings whose pairs are united (docs/dedup.md: 2 for >= 1M rows)
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
     gpu: Literal["auto"] | bool = "auto"  # FAISS GPU k-means / assignment when importable and a GPU is visible
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # CPU products; auto: bf16 on AMX/AVX512-BF16 CPUs
     seed: int = 1234
     analysis_clusters: PositiveInt = 100  # clusters sampled for the threshold analysis
     analysis_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -52,8 +54,10 @@ class DedupConfig(StageConfig):
             points_per_centroid=self.points_per_centroid,
             niter=self.niter,
             refine_iters=self.refine_iters,
+            rounds=self.rounds,
             seed=self.seed,
             gpu=None if self.gpu == "auto" else self.gpu,
+            precision=self.precision,
         )
 
 
@@ -100,7 +104,7 @@ def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[d
     sha = [h if ok[i] and config.exact else None for i, h in enumerate(table["sha256"].to_pylist())]
     exact_of = exact_groups(sha, rank)
     reps = np.flatnonzero(ok & (exact_of < 0))
-    x = vectors[reps].astype(np.float32)
+    x = vectors[reps]  # float16 rows; dedup makes the one float32 (and bf16) working copy
     result = cluster_dedup(x, rank[reps], config.params())
 
     keep = np.zeros(n, bool)
@@ -121,9 +125,7 @@ def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[d
     reason[exact] = "exact_duplicate"
 
     k = len(result.clustering.centroids)
-    analysis = threshold_analysis(
-        x.astype(np.float32), result.cluster, rank[reps], config.analysis_thresholds, config.analysis_clusters
-    )
+    analysis = threshold_analysis(x, result.cluster, rank[reps], config.analysis_thresholds, config.analysis_clusters)
     sizes = np.bincount(result.cluster, minlength=k) if len(reps) else np.zeros(0, np.int64)
     removed = int((ok & ~keep).sum())
     report = {
@@ -138,6 +140,7 @@ def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[d
         "metric": "cosine similarity of L2-normalised SSCD embeddings (inner product), strictly greater",
         "order": config.order,
         "assign_top": config.assign_top,
+        "rounds": config.rounds,
         "k": k,
         "k_default": default_clusters(len(reps)),
         "clusters": cluster_size_stats(result.cluster, k),
@@ -213,7 +216,8 @@ def kept_keys(dedup_stage_uri: str, index: int) -> set[str]:
 
 def describe(config: DedupConfig) -> str:
     k = config.clusters or "3*sqrt(N)"
-    return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment, {config.order}"
+    rounds = f", {config.rounds} rounds" if config.rounds > 1 else ""
+    return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment{rounds}, {config.order}"
 
 
 SPEC = StageSpec(
