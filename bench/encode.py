@@ -351,8 +351,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--models", help="model folder to reuse (built there if missing)")
     parser.add_argument("--repeats", type=int, default=3, help="stage and direct runs, alternated; best of each")
-    parser.add_argument("--reader-samples", type=int, default=96, help="rows of the SD3-sized reader shard")
-    parser.add_argument("--reader-epochs", type=int, default=10, help="reader and memmap epochs, alternated")
+    parser.add_argument(
+        "--reader-samples",
+        type=int,
+        default=384,
+        help="rows of the SD3-sized reader shard (12 row groups: steady state)",
+    )
+    parser.add_argument("--reader-epochs", type=int, default=6, help="reader and memmap epochs, alternated")
     parser.add_argument("--reader-only", action="store_true", help="only the SD3-sized reader rows (no models)")
     parser.add_argument("--json")
     args = parser.parse_args()
