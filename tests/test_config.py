@@ -235,3 +235,13 @@ def test_remote_inputs_are_not_contacted_by_check(tmp_path):
         write(tmp_path, "name: t\noutput: s3://bucket/run\nstages:\n  - {kind: local, path: s3://bucket/images}\n")
     )
     assert pipeline.stages[0].path == "s3://bucket/images"
+
+
+def test_validate_prompts_need_the_clip_encoders(tmp_path, sample_images):
+    text = GOOD.format(out=tmp_path / "run", images=sample_images)
+    text += "  - kind: validate\n    prompts: [a cat]\nmodels:\n  vae: {id: a/vae}\n  clip_l: {id: a/clip}\n"
+    (problem,) = problems(tmp_path, text)
+    assert "stages[1].prompts: encoding prompts needs the models clip_g, not defined" in problem
+    without_prompts = GOOD.format(out=tmp_path / "run", images=sample_images)
+    without_prompts += "  - kind: validate\nmodels:\n  vae: {id: a/vae}\n"
+    assert load_pipeline(write(tmp_path, without_prompts)).stages[1].kind == "validate"

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field, PositiveInt
 
 from curate import storage
-from curate.config import StageConfig
+from curate.config import ModelSpec, StageConfig
 from curate.runfolder import ShardTask, StageDir
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext
 from curate.train.settings import TrainSettings
@@ -51,6 +51,13 @@ class ValidateConfig(StageConfig):
     guidance_scale: float = Field(5.0, ge=1.0)
     sample_shift: float = Field(3.0, gt=0)
     seed: int = 0
+
+    def check_models(self, models: dict[str, ModelSpec]) -> list[tuple[tuple[Any, ...], str]]:
+        """Configured prompts are encoded here, so they need the CLIP encoders (T5 stays optional)."""
+        missing = [role for role in ("clip_l", "clip_g") if role not in models]
+        if self.prompts and missing:
+            return [(("prompts",), f"encoding prompts needs the models {' and '.join(missing)}, not defined")]
+        return []
 
 
 def plan(config: ValidateConfig, upstream: StageDir | None) -> list[ShardTask]:
