@@ -381,3 +381,36 @@ def test_score_through_the_runner_after_dedup(tiny, sample_images, tmp_path, ray
     ok = [i for i, s in enumerate(score["status"].to_pylist()) if s == "ok" and ingest["caption"][i].as_py()]
     _, clip = direct_open_clip(f"local-dir:{tiny['clip']}", None, [ingest.slice(i, 1).to_pylist()[0] for i in ok[:3]])
     np.testing.assert_allclose(_column(score, "clip_score")[ok[:3]], clip, atol=2e-5)
+
+    # A quality filter on the stored scores; new thresholds re-run the filter only (--redo), never the model.
+    scores = [a for a, s in zip(_column(score, "aesthetic"), score["status"].to_pylist(), strict=True) if s == "ok"]
+    cut = float(np.median(scores))
+
+    def with_filter(aesthetic_min: float):
+        quality = {"kind": "filter", "name": "quality", "input": "ingest", "join": ["dedup", "score"]}
+        quality.update(keep_from="dedup", score_from="score", aesthetic_min=aesthetic_min)
+        return parse_pipeline(
+            yaml.safe_dump({**pipeline, "stages": [*pipeline["stages"], quality]}), "score-test.yaml", base_dir=tmp_path
+        )
+
+    def snapshot() -> dict[str, tuple[int, bytes]]:
+        return {
+            str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run / "score").rglob("*")) if p.is_file()
+        }
+
+    def kept() -> dict[str, bool]:
+        table = pa.concat_tables(pq.read_table(f) for f in sorted((run / "quality").glob("shard-*.parquet")))
+        return dict(zip(table["key"].to_pylist(), table["keep"].to_pylist(), strict=True))
+
+    before = snapshot()
+    run_pipeline(with_filter(cut), log=lambda line: None)
+    aesthetic = dict(zip(score["key"].to_pylist(), _column(score, "aesthetic"), strict=True))
+    status = dict(zip(score["key"].to_pylist(), score["status"].to_pylist(), strict=True))
+    assert kept() == {k: status[k] == "ok" and float(aesthetic[k]) >= cut for k in status}
+    lines: list[str] = []
+    lower = max(0.0, float(np.min(scores)))
+    run_pipeline(with_filter(lower), redo=["quality"], log=lines.append)
+    assert kept() == {k: status[k] == "ok" and float(aesthetic[k]) >= lower for k in status}
+    assert sum(kept().values()) > sum(1 for k in status if status[k] == "ok" and float(aesthetic[k]) >= cut)
+    assert snapshot() == before  # no score shard, marker or record rewritten
+    assert not any(line.startswith("[score]") and "rows/s" in line for line in lines)
