@@ -1,4 +1,4 @@
-"""Which rows of an image shard a stage works on: the one rule shared by sscd, caption, encode and filter.
+"""Which rows of an image shard a stage works on: the one rule shared by sscd, score, caption, encode and filter.
 
 A row is processed when its image row is `ok` upstream and, when the stage names a keep source
 (`keep_from`, a joined stage with `key` and `keep` columns such as `dedup` or a `filter`), its `keep` flag
@@ -87,23 +87,33 @@ def read_keep(uri: str, source: str = "the keep source") -> KeepFlags:
     return KeepFlags(keep, why)
 
 
-def select_rows(upstream: pa.Table, keep: KeepFlags | dict[str, bool] | None) -> Selection:
-    """Apply the rule to an upstream shard (needs `key` and `status`). A key absent from the keep source
-    breaks 1:1 lineage and raises: the shard fails loudly rather than processing or dropping it by guess."""
+def unkept(
+    keys: list[str], statuses: list[str], keep: KeepFlags | dict[str, bool] | None
+) -> list[tuple[str, str] | None]:
+    """Per row: the keep source's (status, error) for an `ok` row it does not keep, else None (rows that are
+    not ok keep their own reason, which the caller already has). A key absent from the keep source breaks
+    1:1 lineage and raises: the shard fails loudly rather than processing or dropping it by guess."""
+    if keep is None:
+        return [None] * len(keys)
     if isinstance(keep, dict):
         keep = KeepFlags.of(keep)
-    keys = upstream["key"].to_pylist()
-    statuses = upstream["status"].to_pylist()
-    absent = [k for k in keys if keep is not None and k not in keep.keep]
+    absent = [k for k in keys if k not in keep.keep]
     if absent:
         raise ValueError(f"{len(absent)} keys of the image shard are missing from the keep source, e.g. {absent[0]}")
-    skip: list[tuple[str, str] | None] = []
-    for key, status in zip(keys, statuses, strict=True):
-        if status != "ok":
-            skip.append((NOT_OK_UPSTREAM, f"upstream status {status}"))
-        else:
-            skip.append(keep.skip(key) if keep is not None else None)
-    return Selection(skip)
+    return [keep.skip(key) if status == "ok" else None for key, status in zip(keys, statuses, strict=True)]
+
+
+def select_rows(upstream: pa.Table, keep: KeepFlags | dict[str, bool] | None) -> Selection:
+    """Apply the rule to an upstream shard (needs `key` and `status`); rows not ok upstream get
+    `not_ok_upstream` (stages that keep the image row's own reason use `unkept` directly)."""
+    statuses = upstream["status"].to_pylist()
+    skips = unkept(upstream["key"].to_pylist(), statuses, keep)
+    return Selection(
+        [
+            (NOT_OK_UPSTREAM, f"upstream status {status}") if status != "ok" else skip
+            for status, skip in zip(statuses, skips, strict=True)
+        ]
+    )
 
 
 def keep_table_for(context: Any, keep_from: str | None, index: int) -> KeepFlags | None:

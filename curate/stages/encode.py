@@ -26,7 +26,7 @@ from curate.config import StageConfig
 from curate.encode.buckets import Bucket, Placement, choose_bucket, make_buckets, place, resize_and_crop
 from curate.encode.tensors import field_metadata, to_blobs
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
-from curate.keep import check_keep_from, keep_table_for
+from curate.keep import check_keep_from, keep_table_for, unkept
 from curate.runfolder import ShardTask
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
 
@@ -200,15 +200,12 @@ def process(config: EncodeConfig, task: ShardTask, context: WorkContext, state: 
     rows["original_width"] = images["width"].to_pylist()
     rows["original_height"] = images["height"].to_pylist()
 
-    todo = []
-    for i, key in enumerate(keys):
-        if upstream_status[i] != "ok":
-            continue  # the image stage's own status and reason stay on the row
-        skip = keep_flags.skip(key) if keep_flags is not None else None
+    todo = []  # rows not ok upstream keep the image stage's own status and reason
+    for i, skip in enumerate(unkept(keys, upstream_status, keep_flags)):
         if skip is not None:  # skipped_duplicate / skipped_filtered / the keep source's status (curate.keep)
             rows["status"][i], rows["error"][i] = skip
-            continue
-        todo.append(i)
+        elif upstream_status[i] == "ok":
+            todo.append(i)
 
     buckets = config.buckets()
     batch_size = config.resources.batch_size or 16

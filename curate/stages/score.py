@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_v
 from curate import storage
 from curate.config import ModelSpec, StageConfig
 from curate.images import DEFAULT_MAX_PIXELS
-from curate.keep import NOT_OK_UPSTREAM, check_keep_from, keep_table_for, select_rows
+from curate.keep import check_keep_from, keep_table_for, unkept
 from curate.models.heads import HEAD_NAMES, check_output, describe_head
 from curate.runfolder import ShardTask
 from curate.schema import SCORE_SCHEMA
@@ -167,21 +167,17 @@ def process(config: ScoreConfig, task: ShardTask, context: WorkContext, state: S
     available = storage.parquet_file(uri).schema_arrow.names
     upstream = storage.read_parquet(uri, columns=[c for c in UPSTREAM_COLUMNS if c in available])
     n = upstream.num_rows
-    selection = select_rows(upstream, keep_table_for(context, config.keep_from, task.index))
-    up_status = upstream["status"].to_pylist()
-    up_error = upstream["error"].to_pylist() if "error" in available else [None] * n
-    status: list[str] = []
-    error: list[str | None] = []
-    for i, skip in enumerate(selection.skip):
-        if skip is None:
-            status.append("ok")
-            error.append(None)
-        elif skip[0] == NOT_OK_UPSTREAM:  # keep the upstream reason itself, as sscd does
-            status.append(up_status[i])
-            error.append(up_error[i])
-        else:
-            status.append(skip[0])
-            error.append(skip[1])
+    # rows not ok upstream keep the image stage's own status and reason, as sscd does
+    status: list[str] = upstream["status"].to_pylist()
+    error: list[str | None] = upstream["error"].to_pylist() if "error" in available else [None] * n
+    skips = unkept(upstream["key"].to_pylist(), status, keep_table_for(context, config.keep_from, task.index))
+    to_score = []
+    for i, skip in enumerate(skips):
+        if skip is not None:
+            status[i], error[i] = skip
+        elif status[i] == "ok":
+            error[i] = None
+            to_score.append(i)
     captions = upstream["caption"].to_pylist() if "caption" in available else [None] * n
     image_column = upstream["image"]
     columns = {name: np.full(n, np.nan, np.float32) for name in SCORE_COLUMNS}
@@ -192,7 +188,7 @@ def process(config: ScoreConfig, task: ShardTask, context: WorkContext, state: S
     batches = 0
     stream = prepared_batches(
         state,
-        selection.process,
+        to_score,
         lambda i: image_column[i].as_py(),
         captions,
         config.batch_size(),
@@ -238,7 +234,7 @@ def process(config: ScoreConfig, task: ShardTask, context: WorkContext, state: S
         schema=SCORE_SCHEMA,
     )
     extra = {
-        "fed_to_model": len(selection.process),
+        "fed_to_model": len(to_score),
         "scored": int(scored.sum()),
         "clip_scored": int((~np.isnan(columns["clip_score"])).sum()),
         "heads": [head.name for head in state.heads],

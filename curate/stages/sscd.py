@@ -25,7 +25,7 @@ from pydantic import PositiveInt, model_validator
 from curate import storage
 from curate.config import StageConfig
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
-from curate.keep import check_keep_from, keep_table_for
+from curate.keep import check_keep_from, keep_table_for, unkept
 from curate.schema import SSCD_DIMS, SSCD_SCHEMA, embedding_array
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
 
@@ -125,14 +125,10 @@ def process(config: SscdConfig, task, context: WorkContext, state: SscdState) ->
     table = storage.read_parquet(upstream_uri, columns=UPSTREAM_COLUMNS)
     status = table["status"].to_pylist()
     error = table["error"].to_pylist()
-    keep = keep_table_for(context, config.keep_from, task.index)
-    skipped = 0
-    if keep is not None:
-        for i, key in enumerate(table["key"].to_pylist()):
-            skip = keep.skip(key) if status[i] == "ok" else None
-            if skip is not None:
-                status[i], error[i] = skip
-                skipped += 1
+    skips = unkept(table["key"].to_pylist(), status, keep_table_for(context, config.keep_from, task.index))
+    for i, skip in enumerate(skips):
+        if skip is not None:
+            status[i], error[i] = skip
     ok_rows = [i for i, s in enumerate(status) if s == "ok"]
     images = table["image"].to_pylist()
     vectors, outcomes = embed_images(config, state, [images[i] for i in ok_rows])
@@ -156,8 +152,8 @@ def process(config: SscdConfig, task, context: WorkContext, state: SscdState) ->
     )
     seconds = time.perf_counter() - started
     extra = {"embedded": len(ok_rows), "embed_seconds": round(seconds, 3), "device": state.model.device}
-    if keep is not None:
-        extra["skipped_by_keep_source"] = skipped
+    if config.keep_from is not None:
+        extra["skipped_by_keep_source"] = sum(skip is not None for skip in skips)
     return ShardOutput(out, extra)
 
 
