@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from image_shard import write_image_shard
 from PIL import Image
 
 
@@ -38,25 +39,6 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
     for i in range(max(0, count - have)):
         w, h = int(rng.integers(160, 900)), int(rng.integers(160, 900))
         Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(folder / f"noise-{i:04d}.jpg", quality=90)
-
-
-def write_image_shard(run: Path, images: Path):
-    """One ingest shard of every image, through the runner's own shard function."""
-    from curate.config import parse_pipeline
-    from curate.runfolder import RunDir
-    from curate.runner import StageJob, execute_shard, prepare_stage
-    from curate.stages.spec import WorkContext
-
-    pipeline = parse_pipeline(
-        f"name: bench\noutput: {run}\nstages:\n  - kind: local\n    name: ingest\n    path: {images}\n"
-        f"    shard_size: 100000\n    captions: none\n"
-    )
-    stage = pipeline.stage("ingest")
-    rundir = RunDir(str(run))
-    _, tasks = prepare_stage(pipeline, rundir, stage)
-    context = WorkContext(str(run), "ingest", None)
-    assert execute_shard(StageJob("local", stage, context), tasks[0], None)["ok"]
-    return rundir
 
 
 def reference_loop(model, processor, images, prompt_text, batch_size, max_new_tokens):
@@ -118,7 +100,7 @@ def main() -> None:
         dtype=dtype if args.size == "2b" else "float32",
     )
     make_images(work / "images", args.images)
-    run = write_image_shard(work / "run", work / "images")
+    run = write_image_shard(work / "run", work / "images", captions="none")
     where = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} torch threads)"
     print(
         f"setup {time.perf_counter() - t0:.1f}s: {args.size} Qwen2-VL random weights, {args.images} images, "

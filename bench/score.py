@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from image_shard import write_image_shard
 from PIL import Image
 
 WORDS = ["a", "photo", "of", "the", "red", "blue", "small", "large", "cat", "dog", "house", "tree", "street"]
@@ -53,24 +54,6 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
             folder / f"crop-{i:04d}.jpg", quality=90
         )
         (folder / f"crop-{i:04d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(5, 30)))))
-
-
-def write_image_shard(run: Path, images: Path):
-    """One ingest shard of every image, through the runner's own shard function."""
-    from curate.config import parse_pipeline
-    from curate.runfolder import RunDir
-    from curate.runner import StageJob, execute_shard, prepare_stage
-    from curate.stages.spec import WorkContext
-
-    pipeline = parse_pipeline(
-        f"name: bench\noutput: {run}\nstages:\n  - kind: local\n    name: ingest\n    path: {images}\n"
-        f"    shard_size: 100000\n"
-    )
-    stage = pipeline.stage("ingest")
-    rundir = RunDir(str(run))
-    _, tasks = prepare_stage(pipeline, rundir, stage)
-    assert execute_shard(StageJob("local", stage, WorkContext(str(run), "ingest", None)), tasks[0], None)["ok"]
-    return rundir
 
 
 def reference_loop(scorer, batches) -> tuple[np.ndarray, float]:
