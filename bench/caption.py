@@ -77,7 +77,7 @@ def main() -> None:
 
     import torch
 
-    from curate.captioner import Captioner
+    from curate.caption.vlm import Captioner
     from curate.config import ModelSpec, Resources
     from curate.images import open_image
     from curate.runfolder import ShardTask

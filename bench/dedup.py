@@ -198,9 +198,9 @@ def bench_sscd(count: int, batch_size: int, model_path: str, threads: int) -> di
 
     from curate.config import ModelSpec, Resources
     from curate.images import open_image
-    from curate.models.sscd import resize
     from curate.runfolder import ShardTask
     from curate.schema import IMAGE_SCHEMA
+    from curate.sscd.model import resize
     from curate.stages.spec import WorkContext
     from curate.stages.sscd import SscdConfig, process, setup
 

@@ -120,7 +120,7 @@ def pipeline_text(url_list: Path, count_threads: int, args: argparse.Namespace) 
 
 
 def run_ours(url_list: Path, output: Path, args: argparse.Namespace) -> tuple[int, float, float]:
-    from curate.config import parse_pipeline
+    from curate.pipeline import parse_pipeline
     from curate.runner import run_pipeline
 
     pipeline = parse_pipeline(pipeline_text(url_list, args.threads, args), "bench.yaml")

@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 
 from curate import storage
-from curate.config import ModelSpec, parse_pipeline
+from curate.config import ModelSpec
 from curate.encode.models import encode_images, pick_device
+from curate.pipeline import parse_pipeline
 from curate.runfolder import RunDir, ShardTask
 from curate.shards import ShardDataset
 from curate.stages import encode as encode_stage
@@ -205,7 +206,7 @@ def sd3_sized_shard(folder: Path, n: int, base: int, seed: int = 0) -> str:
     benchmark, written with the stage's schema, metadata, row groups and writer options."""
     import pyarrow as pa
 
-    from curate.encode.tensors import field_metadata
+    from curate.tensors import field_metadata
 
     rng = np.random.default_rng(seed)
     f = base // 8

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def write_image_shard(run: Path, images: Path, captions: str = "txt"):
     """Every image of ``images`` in shard 0 of a `local` stage named ingest under ``run``; returns the RunDir."""
-    from curate.config import parse_pipeline
+    from curate.pipeline import parse_pipeline
     from curate.runfolder import RunDir
     from curate.runner import StageJob, execute_shard, prepare_stage
     from curate.stages.spec import WorkContext

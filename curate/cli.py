@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from curate.config import ConfigError, load_pipeline
+from curate.config import ConfigError
+from curate.pipeline import load_pipeline
 
 
 def _stages(value: str | None) -> list[str] | None:

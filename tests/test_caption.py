@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from curate import storage
-from curate.caption_text import clean_caption, drop_cut_off_sentence, normalize_whitespace, strip_stock_prefix
-from curate.captioner import is_out_of_memory
-from curate.config import ConfigError, parse_pipeline
+from curate.caption.text import clean_caption, drop_cut_off_sentence, normalize_whitespace, strip_stock_prefix
+from curate.caption.vlm import is_out_of_memory
+from curate.config import ConfigError
 from curate.inspect import read_stage
 from curate.keep import NOT_OK_UPSTREAM, SKIPPED_DUPLICATE, select_rows
+from curate.pipeline import parse_pipeline
 from curate.runfolder import RunDir, ShardStats
 from curate.runner import StageJob, execute_shard, prepare_stage, run_pipeline
 from curate.schema import parquet_options

@@ -8,7 +8,8 @@ from typing import ClassVar, Literal
 import pytest
 from conftest import REPO, curate_cli
 
-from curate.config import ConfigError, StageConfig, load_pipeline
+from curate.config import ConfigError, StageConfig
+from curate.pipeline import load_pipeline
 from curate.stages import STAGES, StageSpec
 
 

@@ -19,10 +19,11 @@ import pytest
 from download_server import Route, image_bytes, serve
 from PIL import Image
 
-from curate.config import ConfigError, load_pipeline, parse_pipeline
+from curate.config import ConfigError
 from curate.download.net import AddressPolicy, parse_networks
 from curate.download.statuses import STATUSES, classify, is_documented
 from curate.inspect import format_run, read_stage
+from curate.pipeline import load_pipeline, parse_pipeline
 from curate.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

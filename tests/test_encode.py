@@ -179,7 +179,7 @@ def test_sd3_vae_256_to_16x32x32_and_back(ray_cluster, tiny_sd3, full_sd3_vae, t
     whose stored copy decodes to what diffusers decodes from its own encoding of the same image."""
     from diffusers import AutoencoderKL
 
-    from curate.config import parse_pipeline
+    from curate.pipeline import parse_pipeline
     from curate.runner import run_pipeline
 
     images = tmp_path / "images"

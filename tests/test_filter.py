@@ -22,10 +22,11 @@ from _dedup_support import ONNX_SSCD
 from encode_helpers import write_stage_like_runner
 
 from curate import storage
-from curate.config import ConfigError, parse_pipeline
-from curate.filter.rules import RULES, Rows, apply_top_fraction, evaluate, position
+from curate.config import ConfigError
+from curate.filter.rules import RULES, FilterRules, Rows, apply_top_fraction, evaluate, position
 from curate.filter.top_fraction import Candidates, cutoff, keep_count
 from curate.keep import NOT_OK_UPSTREAM, SKIPPED_DUPLICATE, SKIPPED_FILTERED, read_keep, select_rows
+from curate.pipeline import parse_pipeline
 from curate.runfolder import RunDir
 from curate.runner import RunError, redo_stages, run_pipeline
 from curate.stages.filter import FilterConfig
@@ -33,9 +34,10 @@ from curate.stages.filter import FilterConfig
 NAN = float("nan")
 
 
-def config(**settings) -> FilterConfig:
+def config(**settings) -> FilterRules:
+    """Rules as the stage hands them to the filter package, validated by the stage's config first."""
     join = tuple(s for s in (settings.get("keep_from"), settings.get("score_from")) if s)
-    return FilterConfig(kind="filter", join=join, **settings)
+    return FilterConfig(kind="filter", join=join, **settings).rules()
 
 
 def rows(n: int, **columns) -> Rows:

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate import storage
-from curate.config import parse_pipeline
 from curate.inspect import read_stage
+from curate.pipeline import parse_pipeline
 from curate.runner import run_pipeline
 from curate.schema import IMAGE_SCHEMA, make_key
 

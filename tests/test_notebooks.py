@@ -6,7 +6,7 @@ import nbclient
 import nbformat
 from conftest import REPO
 
-from curate.config import parse_pipeline
+from curate.pipeline import parse_pipeline
 from curate.runner import run_pipeline
 
 

@@ -15,8 +15,9 @@ import yaml
 from _dedup_support import ONNX_SSCD
 from PIL import Image
 
-from curate.config import ConfigError, ModelSpec, parse_pipeline
+from curate.config import ConfigError, ModelSpec
 from curate.images import open_image
+from curate.pipeline import parse_pipeline
 from curate.runfolder import ShardTask
 from curate.runner import run_pipeline
 from curate.schema import IMAGE_SCHEMA, SCORE_SCHEMA

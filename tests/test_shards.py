@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from curate.encode.tensors import column_view
 from curate.runfolder import RunDir, StageDir
 from curate.shards import RowGroup, ShardDataset, ShardLoader, dataloader_skips, plan_slot
+from curate.tensors import column_view
 
 pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, full_sd3_vae, encoded_run
 

@@ -13,11 +13,12 @@ import pytest
 from _dedup_support import ONNX_SSCD, build_sscd_torchscript, run_dedup_pipeline
 from PIL import Image, ImageDraw, ImageEnhance
 
-from curate.config import ConfigError, ModelSpec, parse_pipeline
-from curate.models.paths import package_file
-from curate.models.sscd import load_sscd, resize
+from curate.config import ConfigError, ModelSpec
+from curate.model_paths import package_file
+from curate.pipeline import parse_pipeline
 from curate.runfolder import ShardTask
 from curate.schema import IMAGE_SCHEMA
+from curate.sscd.model import load_sscd, resize
 from curate.stages.spec import WorkContext
 from curate.stages.sscd import SscdConfig, process, setup
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from curate.train.conditioning import TextEmbeddings, drop_encoders, join_sd3, mix_captions
+from curate.sd3 import TextEmbeddings, join_sd3
+from curate.train.conditioning import drop_encoders, mix_captions
 from curate.train.flow import resolution_shift, sample_timesteps, shift_timesteps
 from curate.train.loop import MemoryBatches, TrainBatch, TrainConfig, flow_loss, train
 from curate.train.model import build_mmdit, mmdit_config

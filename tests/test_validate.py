@@ -9,8 +9,8 @@ import numpy as np
 from encode_helpers import ENCODE_STAGES, PIPELINE, models_yaml
 from PIL import Image
 
-from curate.config import parse_pipeline
 from curate.inspect import read_stage
+from curate.pipeline import parse_pipeline
 from curate.runner import run_pipeline
 
 pytest_plugins = ["encode_helpers"]  # fixtures: tiny_sd3, encoded_run

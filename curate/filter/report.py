@@ -12,17 +12,14 @@ by an earlier rule in `curate.filter.rules.RULES` order, with a value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from curate import storage
-from curate.filter.rules import ORDER, RULES, SCORE_COLUMNS, position
+from curate.filter.rules import ORDER, RULES, SCORE_COLUMNS, FilterRules, position
 from curate.runfolder import StageDir
-
-if TYPE_CHECKING:
-    from curate.stages.filter import FilterConfig
 
 SAMPLE_CAP = 200_000
 EXAMPLE_SHARDS = 4
@@ -125,11 +122,11 @@ class Accumulator:
         return out
 
 
-def _examples(config: FilterConfig, measures: dict[str, dict[str, Any]], rows: pa.Table) -> dict[str, list[dict]]:
+def _examples(examples: int, measures: dict[str, dict[str, Any]], rows: pa.Table) -> dict[str, list[dict]]:
     """Rows nearest each example threshold (the configured one, then the population's quantiles), per
     measure, from the first shards' rows; each threshold's rows are its nearest below and above."""
     out: dict[str, list[dict]] = {}
-    if config.examples == 0 or rows.num_rows == 0:
+    if examples == 0 or rows.num_rows == 0:
         return out
     values = measure_values(rows)
     pos = positions(rows["removed_by"])
@@ -146,8 +143,8 @@ def _examples(config: FilterConfig, measures: dict[str, dict[str, Any]], rows: p
         groups = []
         for target in dict.fromkeys(round(float(t), 6) for t in targets):
             v = values[m.name][reach]
-            below = reach[v < target][np.argsort(target - v[v < target])][: config.examples // 2]
-            above = reach[v >= target][np.argsort(v[v >= target] - target)][: config.examples - len(below)]
+            below = reach[v < target][np.argsort(target - v[v < target])][: examples // 2]
+            above = reach[v >= target][np.argsort(v[v >= target] - target)][: examples - len(below)]
             chosen = sorted(np.concatenate([below, above]).tolist(), key=lambda i: values[m.name][i])
             groups.append(
                 {
@@ -163,7 +160,7 @@ def _examples(config: FilterConfig, measures: dict[str, dict[str, Any]], rows: p
     return out
 
 
-def shown(config: FilterConfig, measure: Measure) -> bool:
+def shown(config: FilterRules, measure: Measure) -> bool:
     """Scores are reported whenever a score stage is joined (to choose thresholds); cheap measures when their
     rule is configured."""
     if measure.name in SCORE_COLUMNS:
@@ -171,7 +168,9 @@ def shown(config: FilterConfig, measure: Measure) -> bool:
     return any(getattr(config, f) is not None for f in CHEAP_FIELDS_OF.get(measure.name, (measure.field,)))
 
 
-def collect(config: FilterConfig, stage: StageDir, seed: int = 0) -> dict[str, Any]:
+def collect(
+    config: FilterRules, stage: StageDir, settings: dict[str, Any], examples: int = 6, seed: int = 0
+) -> dict[str, Any]:
     """The report's numbers over every shard of the stage, with example rows from its first shards."""
     stats = stage.shard_stats()
     total = sum(s.rows for s in stats)
@@ -220,12 +219,12 @@ def collect(config: FilterConfig, stage: StageDir, seed: int = 0) -> dict[str, A
         "fraction_kept": kept / max(1, rows),
         "removed": {name: removed[name] for name in sorted(removed, key=lambda r: (position(r), r))},
         "rule_order": [name for name, _ in RULES],
-        "settings": config.model_dump(mode="json", exclude={"resources", "kind", "name"}),
+        "settings": settings,
         "top_fraction": top,
         "measures": measures,
         "warnings": warnings,
     }
-    report["examples"] = _examples(config, measures, pa.concat_tables(first) if first else pa.table({}))
+    report["examples"] = _examples(examples, measures, pa.concat_tables(first) if first else pa.table({}))
     return report
 
 
@@ -272,12 +271,14 @@ def markdown(report: dict[str, Any], name: str, pictures: dict[str, str]) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_report(config: FilterConfig, upstream: StageDir, stage: StageDir) -> dict[str, Any]:
+def write_report(
+    config: FilterRules, upstream: StageDir, stage: StageDir, settings: dict[str, Any], examples: int = 6
+) -> dict[str, Any]:
     """Write filter_report.{json,md} and the PNGs under `<stage>/_report/`; returns the record's summary."""
     from curate.filter.plots import examples_png, histograms_png
 
     folder = storage.join(stage.uri, "_report")
-    report = collect(config, stage)
+    report = collect(config, stage, settings, examples)
     pictures: dict[str, str] = {}
     if report["measures"]:
         storage.write_atomic(storage.join(folder, "filter_histograms.png"), histograms_png(report))

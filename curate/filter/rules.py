@@ -9,12 +9,8 @@ without a recorded reason), before any threshold is compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from curate.stages.filter import FilterConfig
 
 # (removed_by value, what removes a row), in evaluation order. `keep_from` is written `keep_from:<stage>`.
 RULES: tuple[tuple[str, str], ...] = (
@@ -41,6 +37,26 @@ SCORE_RULES = {
     "nsfw_max": ("nsfw", "max"),
     "watermark_max": ("watermark", "max"),
 }
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    """The configured rules as plain values (the filter stage's config builds it); None: not configured."""
+
+    keep_from: str | None = None
+    min_side: int | None = None
+    max_aspect_ratio: float | None = None
+    min_caption_words: int | None = None
+    max_caption_words: int | None = None
+    min_caption_chars: int | None = None
+    languages: tuple[str, ...] | None = None
+    language_confidence: float = 0.5
+    score_from: str | None = None
+    clip_score_min: float | None = None
+    clip_score_top_fraction: float | None = None
+    aesthetic_min: float | None = None
+    nsfw_max: float | None = None
+    watermark_max: float | None = None
 
 
 def position(removed_by: str) -> int:
@@ -77,7 +93,7 @@ class Decision:
         return self.removed_by == ""
 
 
-def score_columns_needed(config: FilterConfig) -> list[str]:
+def score_columns_needed(config: FilterRules) -> list[str]:
     """Score columns the configured rules compare (the top fraction compares clip_score)."""
     needed = [SCORE_RULES[rule][0] for rule in SCORE_RULES if getattr(config, rule) is not None]
     if config.clip_score_top_fraction is not None and "clip_score" not in needed:
@@ -89,7 +105,7 @@ def _words(caption: str | None) -> int:
     return len(caption.split()) if caption else 0
 
 
-def evaluate(config: FilterConfig, rows: Rows) -> Decision:
+def evaluate(config: FilterRules, rows: Rows) -> Decision:
     """Every rule except the top fraction (which needs all shards: `top_fraction`), in RULES order."""
     n = len(rows.key)
     removed = np.full(n, "", dtype=object)

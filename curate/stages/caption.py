@@ -21,9 +21,9 @@ from PIL import Image
 from pydantic import Field, PositiveInt, model_validator
 
 from curate import storage
-from curate.caption_http import Endpoint, HttpCaptioner, HttpResult
-from curate.caption_text import clean_caption
-from curate.captioner import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
+from curate.caption.http import Endpoint, HttpCaptioner, HttpResult
+from curate.caption.text import clean_caption
+from curate.caption.vlm import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
 from curate.config import StageConfig
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from curate.keep import check_keep_from, keep_table_for, select_rows
@@ -68,7 +68,7 @@ class CaptionConfig(StageConfig):
     model_class: str | None = None  # e.g. transformers.LlavaForConditionalGeneration; default: the Auto class
     trust_remote_code: bool = False
     processor_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to AutoProcessor.from_pretrained
-    clean: bool = True  # clean the text (curate.caption_text); the raw text is kept in caption_raw either way
+    clean: bool = True  # clean the text (curate.caption.text); the raw text is kept in caption_raw either way
     max_image_side: PositiveInt | None = 1024  # downscale larger images before the processor; None: as stored
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # decode limit (curate.images)
     decode_threads: PositiveInt = 4

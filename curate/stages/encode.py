@@ -24,11 +24,11 @@ from pydantic import Field, PositiveInt, model_validator
 from curate import storage
 from curate.config import StageConfig
 from curate.encode.buckets import Bucket, Placement, choose_bucket, make_buckets, place, resize_and_crop
-from curate.encode.tensors import field_metadata, to_blobs
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from curate.keep import check_keep_from, keep_table_for, unkept
 from curate.runfolder import ShardTask
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
+from curate.tensors import field_metadata, to_blobs
 
 TEXT_COLUMNS = ("clip_l", "clip_g", "pooled", "t5")
 SYNTHETIC = "_synthetic"

@@ -21,7 +21,15 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_
 
 from curate import storage
 from curate.config import StageConfig
-from curate.filter.rules import SCORE_COLUMNS, Decision, Rows, apply_top_fraction, evaluate, score_columns_needed
+from curate.filter.rules import (
+    SCORE_COLUMNS,
+    Decision,
+    FilterRules,
+    Rows,
+    apply_top_fraction,
+    evaluate,
+    score_columns_needed,
+)
 from curate.keep import check_keep_from, read_keep
 from curate.runfolder import ShardTask, StageDir
 from curate.schema import FILTER_SCHEMA
@@ -96,6 +104,14 @@ class FilterConfig(StageConfig):
             raise ValueError(f"a filter needs a rule: one of {', '.join((*CHEAP_FIELDS, 'languages', *SCORE_FIELDS))}")
         return self
 
+    def rules(self) -> FilterRules:
+        """The rules as the filter package takes them."""
+        return FilterRules(**{f: getattr(self, f) for f in FilterRules.__dataclass_fields__})
+
+    def settings(self) -> dict[str, Any]:
+        """What the report records as the stage's settings."""
+        return self.model_dump(mode="json", exclude={"resources", "kind", "name"})
+
 
 # ----------------------------------------------------------------------------------------------------
 # reading one shard's rows
@@ -110,7 +126,7 @@ def _floats(column: pa.ChunkedArray | None, n: int) -> np.ndarray:
 def _score_columns(config: FilterConfig, uri: str, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The score stage's shard joined on key: (row is ok, score columns as float32 with nan for null)."""
     names = storage.parquet_file(uri).schema_arrow.names
-    needed = ["key", "status", *score_columns_needed(config)]
+    needed = ["key", "status", *score_columns_needed(config.rules())]
     missing = [c for c in needed if c not in names]
     if missing:
         raise ValueError(
@@ -155,7 +171,7 @@ def read_rows(config: FilterConfig, context: WorkContext, index: int, image_uri:
 def decide(config: FilterConfig, context: WorkContext, index: int, image_uri: str) -> tuple[Rows, Decision]:
     """Every rule but the top fraction, for one shard."""
     rows = read_rows(config, context, index, image_uri)
-    return rows, evaluate(config, rows)
+    return rows, evaluate(config.rules(), rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +255,7 @@ def finish(config: FilterConfig, upstream: StageDir | None, stage: StageDir, con
     from curate.filter.report import write_report
 
     assert upstream is not None
-    return write_report(config, upstream, stage)
+    return write_report(config.rules(), upstream, stage, config.settings(), config.examples)
 
 
 def describe(config: FilterConfig) -> str:

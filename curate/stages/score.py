@@ -3,13 +3,13 @@
 SD3 dropped explicit and low-aesthetic images before dedup, and DataComp found CLIP image-text score the
 strongest single filter. One forward pass of an open_clip model per image gives the image embedding; the
 original caption's text embedding gives the CLIP score (cosine of the two L2-normalised embeddings, raw,
-not x100); heads on the image embedding (curate.models.heads) give the other scores. Heads that the models
+not x100); heads on the image embedding (curate.score.heads) give the other scores. Heads that the models
 do not define are skipped and their columns stay null; nothing is faked. The `filter` stage reads these
 shards and applies thresholds, so changing a threshold needs no model.
 
 It reads an image stage (`local`, `download`) and, with `keep_from`, the keep flags of a joined stage (a
 cheap prefilter, dedup) so the model only sees rows worth scoring (rule in curate.keep). Inside an actor
-(model loaded once by `setup`; batching in curate.scoring) the images of a batch are decoded and
+(model loaded once by `setup`; batching in curate.score.batches) the images of a batch are decoded and
 transformed in parallel on a thread pool; on a GPU the next batches are prepared while the model runs the
 current one, on a CPU (where both would share the same cores, so overlapping gains nothing) preparing and
 running alternate. One output row per upstream row, in order; rows not scored keep a status.
@@ -29,10 +29,10 @@ from curate import storage
 from curate.config import ModelSpec, StageConfig
 from curate.images import DEFAULT_MAX_PIXELS
 from curate.keep import check_keep_from, keep_table_for, unkept
-from curate.models.heads import HEAD_NAMES, check_output, describe_head
 from curate.runfolder import ShardTask
 from curate.schema import SCORE_SCHEMA
-from curate.scoring import ScoreState, prepared_batches, score_batch
+from curate.score.batches import ScoreState, prepared_batches, score_batch
+from curate.score.heads import HEAD_NAMES, check_output, describe_head
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
 
 HeadName = Literal["aesthetic", "nsfw", "watermark"]
@@ -94,7 +94,7 @@ class ScoreConfig(StageConfig):
         return self.resources.batch_size or 32
 
     def check_models(self, models: dict[str, ModelSpec]) -> list[tuple[tuple[Any, ...], str]]:
-        from curate.models.clip_scorer import embedding_width, source_problems
+        from curate.score.clip import embedding_width, source_problems
 
         clip = models["clip_scorer"]
         problems: list[tuple[tuple[Any, ...], str]] = [((), message) for message in source_problems(clip)]
@@ -129,8 +129,8 @@ class ScoreConfig(StageConfig):
 def setup(config: ScoreConfig, context: WorkContext) -> ScoreState:
     import torch
 
-    from curate.models.clip_scorer import load_clip_scorer
-    from curate.models.heads import check_against, load_head
+    from curate.score.clip import load_clip_scorer
+    from curate.score.heads import check_against, load_head
 
     threads = max(1, int(config.resources.num_cpus))
     if not torch.cuda.is_available():

@@ -57,12 +57,12 @@ class SscdConfig(StageConfig):
 
 @dataclass
 class SscdState:
-    model: Any  # curate.models.sscd.SSCDModel
+    model: Any  # curate.sscd.model.SSCDModel
     pool: ThreadPoolExecutor
 
 
 def setup(config: SscdConfig, context: WorkContext) -> SscdState:
-    from curate.models.sscd import load_sscd
+    from curate.sscd.model import load_sscd
 
     threads = max(1, int(config.resources.num_cpus))
     model = load_sscd(context.models["sscd"].path or "", config.format, threads=threads)
@@ -72,7 +72,7 @@ def setup(config: SscdConfig, context: WorkContext) -> SscdState:
 
 def _prepare(config: SscdConfig, images: list[bytes]) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode + resize on a CPU thread: pixels per image, or None with (status, error)."""
-    from curate.models.sscd import resize
+    from curate.sscd.model import resize
 
     pixels: list[np.ndarray | None] = []
     failures: list[tuple[str, str]] = []

@@ -156,8 +156,7 @@ def _conditions(
     """Prompts to sample and their joined SD3 conditioning: shard captions (stored embeddings) first."""
     import torch
 
-    from curate.train.conditioning import join_sd3
-    from curate.train.data import text_embeddings
+    from curate.sd3 import join_sd3, text_embeddings
 
     prompts, sources, embeds, pooled = [], [], [], []
     if config.shard_prompts:
@@ -180,7 +179,7 @@ def _conditions(
 def _encode_prompts(context: WorkContext, prompts: list[str], width: int) -> tuple[Any, Any]:
     """Prompts through the pipeline's own text encoders, joined the SD3 way."""
     from curate.encode.models import encode_text, load_text_encoders
-    from curate.train.conditioning import join_sd3
+    from curate.sd3 import join_sd3
     from curate.train.data import from_encoder_output
 
     out = encode_text(load_text_encoders(context.models, "cpu"), prompts)

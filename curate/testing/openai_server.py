@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat-completions server running a transformers VLM, for tests on 127.0.0.1.
 
-It serves a real model (through `curate.captioner.Captioner`, the same generation code as the
+It serves a real model (through `curate.caption.vlm.Captioner`, the same generation code as the
 transformers backend) the way vLLM and SGLang answer `/v1/chat/completions`: the model's chat template
 applied to the messages, images as data URLs, `max_tokens`, `temperature: 0` for greedy, `usage`
 and `finish_reason` ("length" when cut by max_tokens). Bad input is a 400 with the reason. With
@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from curate.captioner import Captioner, GenerationOptions, LoadOptions
+from curate.caption.vlm import Captioner, GenerationOptions, LoadOptions
 from curate.config import ModelSpec
 
 

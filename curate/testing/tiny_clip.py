@@ -26,7 +26,7 @@ TINY_CLIP_NAME = "tiny-ViT-B-32"
 
 def tiny_clip_config(image_size: int = 64) -> dict[str, Any]:
     """open_clip's ViT-B-32 model config, narrow and shallow."""
-    from curate.models.clip_scorer import builtin_config_file
+    from curate.score.clip import builtin_config_file
 
     path = builtin_config_file("ViT-B-32")
     assert path is not None, "open_clip is not installed"

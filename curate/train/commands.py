@@ -73,7 +73,7 @@ def sample_command(
     import torch
 
     from curate.encode.models import encode_text, load_text_encoders, load_vae
-    from curate.train.conditioning import join_sd3
+    from curate.sd3 import join_sd3
     from curate.train.data import from_encoder_output
     from curate.train.loop import pick_device
     from curate.train.model import load_trained

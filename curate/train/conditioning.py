@@ -1,49 +1,17 @@
-"""SD3's text conditioning from per-encoder embeddings, with per-encoder dropout and caption mixing.
+"""SD3's training-time text conditioning: per-encoder dropout and the 50/50 original/synthetic caption mix.
 
-prompt_embeds = concat_seq( pad_channels( concat_channels(CLIP-L 77x768, bigG 77x1280), 4096 ), T5 Lx4096 )
-pooled        = concat( CLIP-L pooled 768, bigG pooled 1280 )
-
-exactly as diffusers' StableDiffusion3Pipeline.encode_prompt joins them (T5 absent: zeros). During
-training each encoder's contribution is zeroed independently per sample with probability p (SD3: 46.4%),
-which teaches the model to work with any subset of encoders and gives classifier-free guidance its
-unconditional branch.
+During training each encoder's contribution is zeroed independently per sample with probability p (SD3:
+46.4%), which teaches the model to work with any subset of encoders and gives classifier-free guidance its
+unconditional branch. The join of the three encoders is `curate.sd3.join_sd3`, shared with the shard reader.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 
-
-@dataclass
-class TextEmbeddings:
-    """One caption's embeddings from the three SD3 text encoders, batched."""
-
-    clip_l: torch.Tensor  # [B, 77, 768] penultimate hidden states
-    clip_l_pooled: torch.Tensor  # [B, 768]
-    clip_g: torch.Tensor  # [B, 77, 1280]
-    clip_g_pooled: torch.Tensor  # [B, 1280]
-    t5: torch.Tensor | None  # [B, L, 4096], or None when no T5 was used
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextEmbeddings:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return TextEmbeddings(**{k: None if v is None else v.to(device, dtype) for k, v in moved.items()})
-
-
-def join_sd3(text: TextEmbeddings, t5_tokens: int = 77, width: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [B, 77 + t5_tokens, W], pooled [B, L + G]) as encode_prompt returns them.
-
-    W is T5's width when T5 is present, else ``width`` (the transformer's joint_attention_dim, 4096 for
-    SD3), which is also what the CLIP states are zero-padded to."""
-    if text.t5 is not None:
-        width = text.t5.shape[-1]
-    clip = torch.cat([text.clip_l, text.clip_g], dim=-1)
-    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
-    t5 = text.t5
-    if t5 is None:
-        t5 = torch.zeros(clip.shape[0], t5_tokens, width, dtype=clip.dtype, device=clip.device)
-    return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([text.clip_l_pooled, text.clip_g_pooled], dim=-1)
+from curate.sd3 import TextEmbeddings
 
 
 def _zero_where(tensor: torch.Tensor | None, drop: torch.Tensor) -> torch.Tensor | None:

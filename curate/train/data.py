@@ -5,22 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from curate.train.conditioning import TextEmbeddings
+from curate.sd3 import TextEmbeddings, text_embeddings
 from curate.train.loop import TrainBatch
-
-
-def text_embeddings(batch: dict[str, Any], suffix: str = "") -> TextEmbeddings:
-    """Split the stored pooled vector, concat(CLIP-L, bigG), at CLIP-L's width: SD3's CLIP projections have
-    their encoder's hidden size (768 and 1280), so the split point is the width of the CLIP-L states."""
-    pooled = batch["pooled" + suffix]
-    clip_l = batch["clip_l" + suffix]
-    return TextEmbeddings(
-        clip_l=clip_l,
-        clip_l_pooled=pooled[:, : clip_l.shape[-1]],
-        clip_g=batch["clip_g" + suffix],
-        clip_g_pooled=pooled[:, clip_l.shape[-1] :],
-        t5=batch.get("t5" + suffix),
-    )
 
 
 def from_encoder_output(out: Any) -> TextEmbeddings:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from curate.sd3 import TextEmbeddings, join_sd3
 from curate.train.checkpoint import (
     generator_state,
     latest_checkpoint,
@@ -24,7 +25,7 @@ from curate.train.checkpoint import (
     save_checkpoint,
     set_generator_state,
 )
-from curate.train.conditioning import TextEmbeddings, drop_encoders, join_sd3, mix_captions
+from curate.train.conditioning import drop_encoders, mix_captions
 from curate.train.ema import make_ema, update_ema
 from curate.train.flow import (
     flow_target,

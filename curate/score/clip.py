@@ -152,7 +152,7 @@ def open_clip_source(spec: ModelSpec) -> tuple[str, str | None]:
     """(model name, pretrained tag or checkpoint file or None) to hand to open_clip for a model spec."""
     import open_clip
 
-    from curate.models.paths import local_model_file
+    from curate.model_paths import local_model_file
 
     name = spec.architecture
     if name is not None and is_config_file(name):

@@ -20,8 +20,8 @@ from curate.images import ImageError, open_image
 
 @dataclass
 class ScoreState:
-    scorer: Any  # curate.models.clip_scorer.ClipScorer
-    heads: list[Any]  # curate.models.heads.Head, in HEAD_NAMES order
+    scorer: Any  # curate.score.clip.ClipScorer
+    heads: list[Any]  # curate.score.heads.Head, in HEAD_NAMES order
     pool: ThreadPoolExecutor  # decodes and transforms single images
     assembler: ThreadPoolExecutor  # one thread: prepares whole batches in order, fanning images out to `pool`
 

@@ -180,7 +180,7 @@ def load_head(name: str, reference: str, device: str = "cpu", positive: int = 1)
     """Load a head file (local path, URL or package://); HeadError when it has no supported format."""
     import torch
 
-    from curate.models.paths import local_model_file
+    from curate.model_paths import local_model_file
 
     path = local_model_file(reference)
     if is_torchscript(path):

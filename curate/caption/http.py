@@ -1,6 +1,6 @@
 """Captions from an OpenAI-compatible chat-completions server (vLLM, SGLang) the user runs on the cluster.
 
-Same interface as `curate.captioner.Captioner`, so the caption stage's batching, prefetching and status
+Same interface as `curate.caption.vlm.Captioner`, so the caption stage's batching, prefetching and status
 handling are shared: `prepare` encodes each decoded image as a data URL (in the background thread),
 `generate` sends one request per image with at most `max_concurrency` in flight per actor. Connection
 errors, timeouts, 429 and 5xx answers are retried with exponential backoff; a request that still fails,
@@ -24,7 +24,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from curate.captioner import Generated, GenerationOptions
+from curate.caption.vlm import Generated, GenerationOptions
 from curate.config import Strict
 
 RETRIED_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from curate.models.paths import local_model_file
+from curate.model_paths import local_model_file
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import storage
-from curate.encode.tensors import column_view
-
-if TYPE_CHECKING:
-    from curate.shards import RowGroup, ShardInfo
+from curate.shards.index import RowGroup, ShardInfo
+from curate.tensors import column_view
 
 SCALARS = ("key", "caption", "caption_synthetic", "original_width", "original_height", "crop_left", "crop_top")
 

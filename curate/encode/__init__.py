@@ -1,0 +1,1 @@
+"""The encode stage's parts: aspect-ratio buckets, and the SD3 VAE and text encoders loaded and called."""

@@ -1,1 +1,0 @@
-"""Model loaders: each loads a real model from its real on-disk format, once per worker."""

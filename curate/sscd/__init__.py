@@ -1,0 +1,1 @@
+"""SSCD copy-detection embeddings: loading Meta's TorchScript files or ONNX exports, and their preprocessing."""
