@@ -22,14 +22,12 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def full_sd3_vae(request) -> Path:
-    """SD3's VAE at its published size (random weights), kept in pytest's cache between sessions
-    because initialising 84M parameters takes longer than using them."""
+def full_sd3_vae(tmp_path_factory) -> Path:
+    """SD3's VAE at its published size (random weights), saved in the diffusers layout once per session."""
     from curate.testing.tiny_sd3 import sd3_vae
 
-    folder = Path(request.config.cache.mkdir("curate-sd3-vae-full"))
-    if not (folder / "config.json").is_file():
-        sd3_vae().save_pretrained(folder)
+    folder = tmp_path_factory.mktemp("sd3-vae-full")
+    sd3_vae().save_pretrained(folder)
     return folder
 
 
