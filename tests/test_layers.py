@@ -62,3 +62,16 @@ def test_capability_packages_do_not_import_each_other(tmp_path):
     result = lint(root)
     assert result.returncode != 0
     assert "curate.dedup is not allowed to import curate.filter" in result.stdout, result.stdout
+
+
+def test_architecture_table_names_every_module_and_package():
+    """docs/architecture.md's module table lists exactly the package's top-level modules and packages."""
+    import re
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text[text.index("## Modules") :]
+    table = table[: table.index("\n## ")]
+    listed = set(re.findall(r"^\| `curate/([\w]+)(?:\.py|/)` \|", table, re.M))
+    tree = {p.stem for p in (REPO / "curate").glob("*.py") if p.stem != "__init__"}
+    tree |= {p.name for p in (REPO / "curate").iterdir() if (p / "__init__.py").is_file()}
+    assert listed == tree, f"missing from the table: {sorted(tree - listed)}; not in the tree: {sorted(listed - tree)}"

@@ -114,7 +114,7 @@ def _overfit_config(tmp_path, **overrides) -> TrainConfig:
 def test_tiny_mmdit_overfits_a_handful_of_latents(tmp_path):
     g = torch.Generator().manual_seed(0)
     batch = TrainBatch(torch.randn(4, 16, 4, 4, generator=g) + 0.06, embeddings(4, g, t5=False))
-    config = _overfit_config(tmp_path)
+    config = _overfit_config(tmp_path, steps=100, learning_rate=3e-3)
 
     def evaluate(model) -> float:  # the same timesteps and noise before and after training
         fixed = torch.Generator().manual_seed(123)
