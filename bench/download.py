@@ -197,7 +197,7 @@ def main() -> None:
         try:
             url_list = tmp_path / "urls.parquet"
             write_list(url_list, port, args.images)
-            ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=args.processes, include_dashboard=False, log_to_driver=False)
             quiet_ray_data()
             warm = tmp_path / "warm.parquet"  # start and warm Ray's workers, as on a running cluster
             write_list(warm, port, 64)

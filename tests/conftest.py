@@ -20,7 +20,10 @@ def ray_cluster():
 
     from curate.cluster import quiet_ray_data
 
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+    # address="local": a new instance, never a cluster that `ray start` left on this machine
+    context = ray.init(
+        address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False
+    )
     quiet_ray_data()
     yield context.address_info["gcs_address"]
     ray.shutdown()
