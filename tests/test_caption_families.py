@@ -222,3 +222,16 @@ def test_check_refuses_prompts_that_cannot_be_driven(tiny, tmp_path):
         "stages[1].max_new_tokens",
         extra={"max_new_tokens": 600},
     )
+
+
+def test_check_reads_hub_models_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A hub id not in the local Hugging Face cache is left to the worker that loads it: no problem reported,
+    nothing fetched (the check runs where no network is assumed)."""
+    from curate.caption.preflight import drivable_problems
+    from curate.caption.vlm import GenerationOptions, LoadOptions
+    from curate.config import ModelSpec
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    spec = ModelSpec(id="curate-tests/not-a-cached-model")
+    assert drivable_problems(spec, LoadOptions(), GenerationOptions(prompt="Describe."), 1024) == []
+    assert not any((tmp_path / "empty-cache").rglob("*.json"))
