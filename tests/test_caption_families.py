@@ -224,14 +224,17 @@ def test_check_refuses_prompts_that_cannot_be_driven(tiny, tmp_path):
     )
 
 
-def test_check_reads_hub_models_from_the_local_cache_only(tmp_path, monkeypatch):
+def test_check_reads_hub_models_from_the_local_cache_only():
     """A hub id not in the local Hugging Face cache is left to the worker that loads it: no problem reported,
     nothing fetched (the check runs where no network is assumed)."""
     from curate.caption.preflight import drivable_problems
     from curate.caption.vlm import GenerationOptions, LoadOptions
     from curate.config import ModelSpec
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     spec = ModelSpec(id="curate-tests/not-a-cached-model")
     assert drivable_problems(spec, LoadOptions(), GenerationOptions(prompt="Describe."), 1024) == []
-    assert not any((tmp_path / "empty-cache").rglob("*.json"))
+
+
+def test_task_prompt_is_for_the_transformers_backend(tiny, tmp_path):
+    endpoint = {"backend": "openai", "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    check_fails(tmp_path, tiny["florence2"], {"task_prompt": "<CAPTION>", **endpoint}, "task_prompt and max_input")

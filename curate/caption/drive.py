@@ -50,7 +50,9 @@ def render_prompt(processor: Any, prompt: str, system_prompt: str | None, task_p
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # older checkpoints keep the template in tokenizer_config.json only: apply it there
+    owner = processor if getattr(processor, "chat_template", None) else processor.tokenizer
+    return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def is_encoder_decoder(config: Any) -> bool:

@@ -72,6 +72,14 @@ def _load(source: str, common_json: str, processor_json: str, local_only: bool) 
     return raw, config, processor
 
 
+def _cached(spec: ModelSpec) -> bool:
+    """Whether a hub model's config.json is in the local Hugging Face cache (cheap: no transformers import)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = f"{spec.subfolder}/config.json" if spec.subfolder else "config.json"
+    return isinstance(try_to_load_from_cache(spec.id, filename, revision=spec.revision), str)
+
+
 def _architecture_problems(raw: dict[str, Any], load: LoadOptions) -> list[Problem]:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -159,6 +167,8 @@ def drivable_problems(
     spec: ModelSpec, load: LoadOptions, options: GenerationOptions, max_image_side: int | None
 ) -> list[Problem]:
     """What keeps the caption stage from driving ``spec``: (field path under the stage, message)."""
+    if spec.id is not None and not _cached(spec):
+        return []
     source, common = load_source(spec, spec.revision, load.trust_remote_code)
     try:
         raw, config, processor = _load(

@@ -87,6 +87,11 @@ class CaptionConfig(StageConfig):
             raise ValueError("backend openai needs an `endpoint` (base_url, model)")
         if self.backend == "transformers" and self.endpoint is not None:
             raise ValueError("`endpoint` is only used with backend: openai")
+        if self.backend == "openai" and (self.task_prompt is not None or self.max_input_tokens is not None):
+            raise ValueError(
+                "task_prompt and max_input_tokens are for backend: transformers (an OpenAI-compatible server "
+                "applies the model's chat template to `prompt` and refuses over-long inputs itself)"
+            )
         return self
 
     @property
