@@ -4,7 +4,8 @@ SD3 trained on 50% original and 50% synthetic (CogVLM) captions; this stage writ
 It reads an image shard (its `input`) and, with `keep_from`, the keep flags of a joined stage (dedup):
 only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). Inside an actor
 (the model loaded once by `setup`), images are decoded in a thread pool and each batch is preprocessed
-in a background thread while the model generates the previous one. A batch that raises is retried by
+in a background thread while the model generates the previous one. Rows whose prompt + image tokens exceed
+the model's input limit get `too_long` before the model sees them. A batch that raises is retried by
 halves down to single images; a single image that still fails gets a status, and the run goes on.
 """
 
@@ -181,7 +182,7 @@ def _prepare(captioner: Captioner | HttpCaptioner, items: list[Item]) -> Batch:
     and the rest prepared again (their padding changes), so the model never sees an over-long row."""
     try:
         inputs = captioner.prepare([i.image for i in items])
-        over = captioner.too_long(inputs) if isinstance(captioner, Captioner) else {}
+        over = captioner.too_long(inputs)
         if not over:
             return Batch(items, inputs)
         long = [items[row] for row in sorted(over)]
