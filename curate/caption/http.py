@@ -100,6 +100,10 @@ class HttpCaptioner:
             body["repetition_penalty"] = o.repetition_penalty
         return body
 
+    def too_long(self, inputs: list[str]) -> dict[int, str]:
+        """None here: the server knows its model's context and refuses an over-long request (`http_error`)."""
+        return {}
+
     def generate(self, inputs: list[str]) -> list[HttpResult]:
         return list(self.pool.map(self._one, inputs))
 

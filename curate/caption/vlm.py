@@ -1,10 +1,12 @@
 """A transformers vision-language model wrapped for batched, greedy captioning.
 
 Loaded the way its users load it: `AutoProcessor` + `AutoModelForImageTextToText` (or a class named in
-the config) from a hub id or a local folder. Two steps, so the caller can overlap them:
+the config) from a hub id or a local folder. How to prompt and pad it is read from its own files
+(`curate.caption.drive`). Two steps, so the caller can overlap them:
 
-- `prepare(images)`: chat template, tokenization with left padding and image preprocessing, on CPU
-  (runs in a background thread while the model generates the previous batch);
+- `prepare(images)`: the prompt (chat template or task prompt), tokenization padded on the model's side
+  and image preprocessing, on CPU (runs in a background thread while the model generates the previous
+  batch); `too_long(inputs)` then names the rows whose prompt + image tokens exceed the limit;
 - `generate(inputs)`: `model.generate` and decoding of the new tokens only (the prompt is not echoed).
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from curate.caption.drive import input_limit, is_encoder_decoder, model_inputs, padding_side, render_prompt
 from curate.config import ModelSpec
 
 
@@ -24,6 +27,8 @@ from curate.config import ModelSpec
 class GenerationOptions:
     prompt: str
     system_prompt: str | None = None
+    task_prompt: str | None = None  # used as it is, without a chat template (PaliGemma, Florence-2, BLIP-2)
+    max_input_tokens: int | None = None  # rows with more prompt + image tokens get `too_long`
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float | None = None
@@ -99,6 +104,15 @@ def pin_revision(spec: ModelSpec) -> str | None:
     return getattr(resolved, "resolved", None) or (str(resolved) if resolved is not None else None)
 
 
+def load_source(spec: ModelSpec, revision: str | None, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+    """Where `from_pretrained` reads the model, and the arguments every file of it is read with."""
+    source = spec.id if spec.id is not None else str(spec.path)
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if spec.subfolder:
+        common["subfolder"] = spec.subfolder
+    return source, common
+
+
 class Captioner:
     """Processor + model loaded once per worker."""
 
@@ -108,26 +122,27 @@ class Captioner:
 
         self.options = options
         self.device = load.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        source = spec.id if spec.id is not None else spec.path
         revision = pin_revision(spec)
-        common: dict[str, Any] = {"revision": revision, "trust_remote_code": load.trust_remote_code}
-        if spec.subfolder:
-            common["subfolder"] = spec.subfolder
+        source, common = load_source(spec, revision, load.trust_remote_code)
         self.processor = AutoProcessor.from_pretrained(source, **common, **load.processor_kwargs)
         self.tokenizer = getattr(self.processor, "tokenizer", None) or self.processor
-        # Batched generation with a decoder-only model needs the prompts flush right: pad on the left.
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         model_kwargs: dict[str, Any] = {"dtype": _torch_dtype(spec.dtype, self.device), **common}
         if load.attn_implementation:
             model_kwargs["attn_implementation"] = load.attn_implementation
         self.model = _resolve_class(load.model_class).from_pretrained(source, **model_kwargs).to(self.device).eval()
+        config = self.model.config
+        # Decoder-only models need the prompts flush right (pad on the left); encoder-decoders the reverse.
+        self.padding_side = padding_side(config)
+        self.tokenizer.padding_side = self.padding_side
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.encoder_decoder = is_encoder_decoder(config)
+        self.input_limit = input_limit(config, options.max_new_tokens, options.max_input_tokens)
         self.name = describe_model(spec, revision)
         self.generation_config = self._generation_config()
         eos = self.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.text_prompt = self._text_prompt()
+        self.text_prompt = render_prompt(self.processor, options.prompt, options.system_prompt, options.task_prompt)
 
     def _generation_config(self):
         """The model's own generation config with the stage's settings on top (greedy unless asked)."""
@@ -148,32 +163,42 @@ class Captioner:
             config.pad_token_id = self.tokenizer.pad_token_id
         return config
 
-    def _text_prompt(self) -> str:
-        return self.render_prompt(self.options.prompt, self.options.system_prompt)
-
     def render_prompt(self, prompt: str, system_prompt: str | None = None) -> str:
-        """The prompt text for one image: the chat template applied when the model has one, else as given
-        (then it must contain the model's image token or task token where the model expects it)."""
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            return prompt
-        messages: list[dict[str, Any]] = []
-        if system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """A chat prompt for one image through the model's template (the OpenAI-compatible test server)."""
+        return render_prompt(self.processor, prompt, system_prompt, None)
 
     def prepare(self, images: list[Image.Image], text_prompt: str | None = None) -> Any:
-        """Model inputs for a batch, on CPU (pinned when going to a GPU)."""
+        """Model inputs for a batch, on CPU (pinned when going to a GPU). Each image is its own sample, so
+        processors that tile or resize per image (any-resolution, image splitting) see it alone."""
         inputs = self.processor(
             images=[[image] for image in images],
             text=[text_prompt or self.text_prompt] * len(images),
             padding=True,
+            padding_side=self.padding_side,
             return_tensors="pt",
         )
+        inputs = model_inputs(inputs)
         if self.device.startswith("cuda"):
             inputs = {k: (v.pin_memory() if hasattr(v, "pin_memory") else v) for k, v in inputs.items()}
         return inputs
+
+    def input_lengths(self, inputs: Any) -> list[int]:
+        """Prompt + image tokens of each row (padding not counted)."""
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            ids = inputs["input_ids"]
+            return [int(ids.shape[1])] * int(ids.shape[0])
+        return [int(n) for n in mask.sum(dim=1).tolist()]
+
+    def too_long(self, inputs: Any) -> dict[int, str]:
+        """Rows of a prepared batch over the input limit, with the reason."""
+        if self.input_limit is None:
+            return {}
+        return {
+            row: f"{length} prompt + image tokens exceed the limit of {self.input_limit}"
+            for row, length in enumerate(self.input_lengths(inputs))
+            if length > self.input_limit
+        }
 
     def generate(self, inputs: Any, max_new_tokens: int | None = None) -> list[Generated]:
         import torch
@@ -192,8 +217,8 @@ class Captioner:
                     v = v.to(dtype)
             moved[k] = v
         # decoder-only models return prompt + new tokens; encoder-decoders (Florence-2) the decoder start
-        # token + new tokens
-        start = 1 if getattr(self.model.config, "is_encoder_decoder", False) else moved["input_ids"].shape[1]
+        # token + new tokens: either way only the new tokens are decoded, so the prompt is never echoed
+        start = 1 if self.encoder_decoder else moved["input_ids"].shape[1]
         with torch.inference_mode():
             out = self.model.generate(**moved, generation_config=config)
         new = out[:, start:].cpu().tolist()

@@ -4,7 +4,8 @@ SD3 trained on 50% original and 50% synthetic (CogVLM) captions; this stage writ
 It reads an image shard (its `input`) and, with `keep_from`, the keep flags of a joined stage (dedup):
 only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). Inside an actor
 (the model loaded once by `setup`), images are decoded in a thread pool and each batch is preprocessed
-in a background thread while the model generates the previous one. A batch that raises is retried by
+in a background thread while the model generates the previous one. Rows whose prompt + image tokens exceed
+the model's input limit get `too_long` before the model sees them. A batch that raises is retried by
 halves down to single images; a single image that still fails gets a status, and the run goes on.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ from curate import storage
 from curate.caption.http import Endpoint, HttpCaptioner, HttpResult
 from curate.caption.text import clean_caption
 from curate.caption.vlm import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
-from curate.config import StageConfig
+from curate.config import ModelSpec, StageConfig
 from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from curate.keep import check_keep_from, keep_table_for, select_rows
 from curate.runfolder import ShardTask
@@ -54,9 +55,15 @@ class CaptionConfig(StageConfig):
     # (vLLM, SGLang) at `endpoint`, which holds the model
     backend: Literal["transformers", "openai"] = "transformers"
     endpoint: Endpoint | None = None
-    prompt: str = DEFAULT_PROMPT
+    prompt: str = DEFAULT_PROMPT  # the instruction, put in the model's chat template with the image
     system_prompt: str | None = None
+    # the whole prompt, used as it is without a chat template: for models trained on task prompts and
+    # having no template (PaliGemma "<image>caption en", Florence-2 "<MORE_DETAILED_CAPTION>", BLIP-2)
+    task_prompt: str | None = None
     max_new_tokens: PositiveInt = 128
+    # rows whose prompt + image tokens exceed this get `too_long`; default: the model's context window
+    # (less max_new_tokens for decoder-only models)
+    max_input_tokens: PositiveInt | None = None
     do_sample: bool = False  # greedy by default: reproducible, and batch results equal one-by-one results
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -81,16 +88,36 @@ class CaptionConfig(StageConfig):
             raise ValueError("backend openai needs an `endpoint` (base_url, model)")
         if self.backend == "transformers" and self.endpoint is not None:
             raise ValueError("`endpoint` is only used with backend: openai")
+        if self.backend == "openai" and (self.task_prompt is not None or self.max_input_tokens is not None):
+            raise ValueError(
+                "task_prompt and max_input_tokens are for backend: transformers (an OpenAI-compatible server "
+                "applies the model's chat template to `prompt` and refuses over-long inputs itself)"
+            )
         return self
 
     @property
     def model_roles(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("captioner",) if self.backend == "transformers" else ()
 
+    @property
+    def prompt_column(self) -> str:
+        """What the `prompt` column records: the task prompt when one is given, else the instruction."""
+        return self.task_prompt if self.task_prompt is not None else self.prompt
+
+    def check_models(self, models: dict[str, ModelSpec]) -> list[tuple[tuple[Any, ...], str]]:
+        """Whether transformers can drive the captioner, from its config and processor files (no weights)."""
+        if self.backend != "transformers":
+            return []
+        from curate.caption.preflight import drivable_problems
+
+        return drivable_problems(models["captioner"], self.loading(), self.generation(), self.max_image_side)
+
     def generation(self) -> GenerationOptions:
         return GenerationOptions(
             prompt=self.prompt,
             system_prompt=self.system_prompt,
+            task_prompt=self.task_prompt,
+            max_input_tokens=self.max_input_tokens,
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
             temperature=self.temperature,
@@ -145,13 +172,26 @@ def decode(fetch: Callable[[int], bytes], row: int, config: CaptionConfig) -> It
 @dataclass
 class Batch:
     items: list[Item]
-    inputs: Any = None  # the processor's output, or the exception it raised
-    failed: BaseException | None = None
+    inputs: Any = None  # the processor's output
+    failed: BaseException | None = None  # the exception the processor raised
+    too_long: list[Item] = field(default_factory=list)  # taken out of the batch: over the input limit
 
 
 def _prepare(captioner: Captioner | HttpCaptioner, items: list[Item]) -> Batch:
+    """The processor's inputs for a batch. Rows over the input limit are taken out, with their status set,
+    and the rest prepared again (their padding changes), so the model never sees an over-long row."""
     try:
-        return Batch(items, captioner.prepare([i.image for i in items]))
+        inputs = captioner.prepare([i.image for i in items])
+        over = captioner.too_long(inputs)
+        if not over:
+            return Batch(items, inputs)
+        long = [items[row] for row in sorted(over)]
+        for row, item in zip(sorted(over), long, strict=True):
+            item.status, item.error = "too_long", over[row]
+        rest = [item for row, item in enumerate(items) if row not in over]
+        batch = _prepare(captioner, rest) if rest else Batch([])
+        batch.too_long = long + batch.too_long
+        return batch
     except Exception as e:  # a processor error: retried by halves like a generation error
         return Batch(items, failed=e)
 
@@ -200,21 +240,30 @@ class Outcome:
     error: str | None
 
 
-def run_batch(captioner: Captioner | HttpCaptioner, batch: Batch) -> list[Outcome]:
-    """Generate for a prepared batch; on an exception retry by halves down to single images."""
+def run_batch(captioner: Captioner | HttpCaptioner, batch: Batch) -> list[tuple[Item, Outcome]]:
+    """Generate for a prepared batch; on an exception retry by halves down to single images. Rows taken
+    out as too long come back with their status."""
+    done = [(item, Outcome(None, item.status or "too_long", item.error)) for item in batch.too_long]
+    if not batch.items:
+        return done
     try:
         if batch.failed is not None:
             raise batch.failed
-        return [_outcome(result) for result in captioner.generate(batch.inputs)]
+        outcomes = [_outcome(result) for result in captioner.generate(batch.inputs)]
+        return done + list(zip(batch.items, outcomes, strict=True))
     except Exception as e:
         oom = is_out_of_memory(e)
         batch.inputs = None  # free the failed batch's tensors before retrying
         if oom:
             _free_accelerator_memory()
         if len(batch.items) == 1:
-            return [Outcome(None, "oom" if oom else "caption_error", f"{type(e).__name__}: {e}"[:2000])]
+            return [
+                *done,
+                (batch.items[0], Outcome(None, "oom" if oom else "caption_error", f"{type(e).__name__}: {e}"[:2000])),
+            ]
         half = len(batch.items) // 2
         return [
+            *done,
             *run_batch(captioner, _prepare(captioner, batch.items[:half])),
             *run_batch(captioner, _prepare(captioner, batch.items[half:])),
         ]
@@ -263,9 +312,9 @@ def process(
     selection = select_rows(upstream, keep_table_for(context, config.keep_from, task.index))
     keys = upstream["key"].to_pylist()
     rows: list[dict[str, Any]] = [
-        {"key": key, "captioner": captioner.name, "prompt": config.prompt, "status": s[0], "error": s[1]}
+        {"key": key, "captioner": captioner.name, "prompt": config.prompt_column, "status": s[0], "error": s[1]}
         if s is not None
-        else {"key": key, "captioner": captioner.name, "prompt": config.prompt}
+        else {"key": key, "captioner": captioner.name, "prompt": config.prompt_column}
         for key, s in zip(keys, selection.skip, strict=True)
     ]
     image_column = upstream["image"]
@@ -277,7 +326,7 @@ def process(
         torch.manual_seed(config.seed + task.index)
 
     wait = generate_seconds = 0.0
-    batches = retried = fed = 0
+    batches = retried = fed = too_long = 0
     with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="caption-decode") as pool:
         stream = prepared_batches(captioner, config, todo, lambda i: image_column[i].as_py(), batch_size, pool)
         while True:
@@ -290,17 +339,19 @@ def process(
                 rows[nxt.row].update(status=nxt.status, error=nxt.error)
                 continue
             t1 = time.perf_counter()
-            outcomes = run_batch(captioner, nxt)
+            results = run_batch(captioner, nxt)
             generate_seconds += time.perf_counter() - t1
-            batches += 1
+            batches += bool(nxt.items)
             fed += len(nxt.items)
-            retried += nxt.failed is not None or any(o.status in ("caption_error", "oom") for o in outcomes)
-            for item, outcome in zip(nxt.items, outcomes, strict=True):
+            too_long += len(nxt.too_long)
+            retried += nxt.failed is not None or any(o.status in ("caption_error", "oom") for _, o in results)
+            for item, outcome in results:
                 rows[item.row].update(_caption_row(config, outcome))
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
     generated = [r for r in rows if r.get("caption_raw") is not None]
     extra = {
         "fed_to_model": fed,
+        "too_long": too_long,
         "captioned": sum(1 for r in rows if r.get("status") == "ok"),
         "tokens_generated": sum(r["tokens_generated"] or 0 for r in generated),
         "truncated": sum(1 for r in generated if r.get("truncated")),
@@ -332,7 +383,8 @@ def _caption_row(config: CaptionConfig, outcome: Outcome) -> dict[str, Any]:
 def describe(config: CaptionConfig) -> str:
     keep = f"; skips keep=false rows of {config.keep_from}" if config.keep_from else ""
     mode = "greedy" if not config.do_sample else "sampling"
-    return f"prompt {config.prompt!r}, {config.max_new_tokens} new tokens, {mode}{keep}"
+    prompt = f"task prompt {config.task_prompt!r}" if config.task_prompt is not None else f"prompt {config.prompt!r}"
+    return f"{prompt}, {config.max_new_tokens} new tokens, {mode}{keep}"
 
 
 SPEC = StageSpec(
