@@ -13,6 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """One torch thread in the test process. On two cores any other busy process (a Ray worker, the suite's
+    own subprocesses) makes a two-thread OpenMP pool wait on its slower thread at every op: the overfit test
+    took 21 s with two threads and 7 s with one, at a load of one other process. Ray workers keep their own
+    setting (OMP_NUM_THREADS from each task's num_cpus)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray for the whole session; its address lets CLI subprocesses join it with --address."""
