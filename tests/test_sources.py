@@ -181,6 +181,15 @@ def broken_tars(folder: Path) -> dict[str, list[tuple[str, str]]]:
 
     (folder / "no-end.tar").write_bytes(member("n/a.jpg", _jpeg(8)))
     expected["no-end.tar"] = [("n/a.jpg", "ok")]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:  # long, non-ASCII names
+        for i in range(4):
+            for extension, data in (("jpg", _jpeg(10 + i)), ("txt", "légende".encode())):
+                info = tarfile.TarInfo(f"{'p' * 120}/é-{i}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "pax.tar").write_bytes(buffer.getvalue())
+    expected["pax.tar"] = [(f"{'p' * 120}/é-{i}.{e}", "ok") for i in range(4) for e in ("jpg", "txt")]
     (folder / "not-a-tar.tar").write_bytes(b"just some text, " * 100)
     expected["not-a-tar.tar"] = []
     (folder / "empty.tar").write_bytes(b"")
@@ -225,10 +234,10 @@ def test_every_member_once_with_its_status(ray_cluster, broken, tmp_path):
 
 def test_large_tars_split_into_parts_with_the_same_rows(ray_cluster, broken, tmp_path):
     folder, _ = broken
-    whole = run_source({"kind": "webdataset", "path": str(folder / "broken.tar")}, tmp_path / "whole")
-    parts = run_source({"kind": "webdataset", "path": str(folder / "broken.tar"), "max_part_bytes": 2048},
-                       tmp_path / "parts")  # fmt: skip
-    assert len(list((tmp_path / "parts" / "ingest").glob("shard-*.parquet"))) >= 3
+    tars = [str(folder / "broken.tar"), str(folder / "pax.tar")]
+    whole = run_source({"kind": "webdataset", "path": tars}, tmp_path / "whole")
+    parts = run_source({"kind": "webdataset", "path": tars, "max_part_bytes": 2048}, tmp_path / "parts")
+    assert len(list((tmp_path / "parts" / "ingest").glob("shard-*.parquet"))) >= 6
     columns = ["key", "status", "source_members", "caption", "sha256"]
     assert sorted(parts.select(columns).to_pylist(), key=str) == sorted(whole.select(columns).to_pylist(), key=str)
 
