@@ -45,7 +45,7 @@ def test_serves_while_the_command_runs_then_stops(sample_images, tmp_path):
 def test_cli_needs_a_command_and_loopback(sample_images, tmp_path):
     result = curate_cli("serve", str(sample_images), "--url-list", str(tmp_path / "u.parquet"))
     assert result.returncode == 2 and "give the command to run after --" in result.stderr
-    result = curate_cli("serve", str(tmp_path / "nope"), "--url-list", str(tmp_path / "u.parquet"), "--", "true")
-    assert result.returncode == 2 and "no such folder" in result.stderr
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        serve_during(tmp_path / "nope", tmp_path / "u.parquet", ["true"])
     with pytest.raises(ValueError, match="loopback"):
         start(sample_images, host="10.0.0.1")

@@ -317,7 +317,8 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(ray_cluster, tmp_pat
         path.write_text(json.dumps({"name": name, "output": str(tmp_path / name), "stages": [stage]}))
         return path
 
-    assert curate_cli("run", str(pipeline("reference")), "--address", ray_cluster).returncode == 0
+    stage = json.loads(pipeline("reference").read_text())["stages"][0]
+    run_source(stage, tmp_path / "reference")  # uninterrupted, in this process
     run = tmp_path / "killed"
     markers = run / "ingest" / "_shards"
     process = subprocess.Popen(
