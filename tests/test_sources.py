@@ -342,3 +342,23 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(ray_cluster, tmp_pat
 
     assert rows("killed") == rows("reference") and len(rows("reference")) > 23 * 6
     assert Counter(s for _, s, _, _ in rows("killed"))["truncated_tar"] == 1
+
+
+def test_tars_on_another_filesystem_through_the_storage_layer(broken):
+    """The reading code goes through curate.storage: here fsspec's memory:// (what s3://, gs:// go through too),
+    with a brace list, a split tar and the sidecar lookup."""
+    from curate import storage
+    from curate.ingest.tar_plan import plan_tars
+    from curate.ingest.webdataset import TarSettings, read_part
+
+    folder, expected = broken
+    root = "memory://curate-sources/tars"
+    for name in ("broken.tar", "pax.tar"):
+        storage.write_atomic(f"{root}/{name}", (folder / name).read_bytes())
+    parts = plan_tars(storage.expand([f"{root}/{{broken,pax}}.tar"]), max_part_bytes=4096)
+    assert {p.uri for p in parts} == {f"{root}/broken.tar", f"{root}/pax.tar"} and len(parts) > 2
+    found = Counter()
+    for part in parts:
+        rows = read_part(part, TarSettings(threads=1), lambda status, message: "unused").rows
+        found.update((r["source"].rsplit("/", 1)[1], m, r["status"]) for r in rows for m in r["source_members"])
+    assert found == Counter((name, m, s) for name in ("broken.tar", "pax.tar") for m, s in expected[name])

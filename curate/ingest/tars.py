@@ -95,13 +95,19 @@ class _Limited:
         self.raw.close()
 
 
+READ_BUFFER = 8 << 20  # tarfile reads 10 KiB at a time; on an object store each unbuffered read is a request
+
+
 def _open(uri: str, start: int, end: int | None) -> tuple[Any, str]:
+    import pyarrow as pa
+
     fs, path = storage.resolve(uri)
-    if start == 0 and end is None:
-        return fs.open_input_stream(path), "r|*"  # sequential; gzip-compressed tars too
+    if start == 0 and end is None:  # sequential; gzip-compressed tars too
+        return fs.open_input_stream(path, compression=None, buffer_size=READ_BUFFER), "r|*"
     raw = fs.open_input_file(path)
+    length = (end if end is not None else raw.size()) - start
     raw.seek(start)
-    return _Limited(raw, (end if end is not None else raw.size()) - start), "r|"
+    return _Limited(pa.BufferedInputStream(raw, min(READ_BUFFER, max(length, 1))), length), "r|"
 
 
 def read_tar(uri: str, start: int = 0, end: int | None = None, earlier_keys: Iterable[str] = ()) -> TarContents:
