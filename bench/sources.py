@@ -9,6 +9,7 @@ alternating rounds, turns every tar into one image shard
     decode check, SHA-256 and metadata columns on a thread pool of the same size, `pq.write_table` with the
     same writer options.
 Both run in this process, one tar after another, so the ratio compares the reading code, not scheduling.
+A second line times the reading alone (tar -> samples with their bytes), where the decode does not dominate.
 Prints samples/s of each and ours / reference (target >= 0.9). Run: `.venv/bin/python bench/sources.py
 [--tars 6] [--samples 300] [--rounds 3] [--threads 4]`.
 """
@@ -159,6 +160,7 @@ def main() -> None:
     )
     import webdataset
 
+    from curate.ingest.tars import read_tar
     from curate.stages import webdataset as _stage  # noqa: F401  (imports outside the timing)
 
     print(f"# webdataset {webdataset.__version__}")
@@ -190,6 +192,17 @@ def main() -> None:
                 folder / f"out-reference-{round_}" / "ref-00000.parquet", columns=["key", "sha256", "caption"]
             )
             assert a.equals(b), "the two paths wrote different rows"
+        read_ours, read_ref = [], []  # the reading alone: tar -> samples with their bytes, no decode, no Parquet
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            count = sum(len(read_tar(str(p)).samples) for p in paths)
+            read_ours.append(count / (time.perf_counter() - started))
+            started = time.perf_counter()
+            count = sum(len(list(webdataset.WebDataset(str(p), shardshuffle=False))) for p in paths)
+            read_ref.append(count / (time.perf_counter() - started))
+        ours_read, ref_read = statistics.median(read_ours), statistics.median(read_ref)
+        print(f"reading only (tar -> samples), median: ours {ours_read:,.0f} samples/s, webdataset {ref_read:,.0f}"
+              f" samples/s, ratio {ours_read / ref_read:.2f}x")  # fmt: skip
         ours, ref = statistics.median(ours_rates), statistics.median(ref_rates)
         print(f"webdataset source (median of {args.rounds}): {ours:.1f} samples/s")
         print(f"webdataset library + same checks and Parquet (median): {ref:.1f} samples/s")
