@@ -23,9 +23,6 @@ class Sidecar:
     def failures(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r.get("status") not in (SUCCESS, None)]
 
-    def successes(self) -> list[str]:
-        return [str(r["key"]) for r in self.rows if r.get("status") == SUCCESS and r.get("key") is not None]
-
 
 def sidecar_uris(tar_uri: str) -> tuple[str, str]:
     stem = tar_uri[: -len(".tar")] if tar_uri.lower().endswith(".tar") else tar_uri.rsplit(".", 1)[0]

@@ -133,7 +133,7 @@ class ParquetConfig(StageConfig):
 def plan(config: ParquetConfig, upstream: StageDir | None) -> list[ShardTask]:
     """Row-group sizes from every file's footer, packed into shards of at most `shard_size` rows."""
     files = []
-    for uri in storage.expand(config.path):
+    for uri in dict.fromkeys(storage.expand(config.path)):  # a file matched twice is read once (keys stay unique)
         problems = config.column_problems(uri, storage.parquet_file(uri).schema_arrow)
         if problems:
             raise ValueError("; ".join(message for _, message in problems))

@@ -97,7 +97,8 @@ class WebDatasetConfig(StageConfig):
 
 
 def plan(config: WebDatasetConfig, upstream: StageDir | None) -> list[ShardTask]:
-    parts = plan_tars(storage.expand(config.path), config.max_part_bytes)
+    tars = list(dict.fromkeys(storage.expand(config.path)))  # a tar matched twice is read once (keys stay unique)
+    parts = plan_tars(tars, config.max_part_bytes)
     return [ShardTask(i, (part.encode(),)) for i, part in enumerate(parts)]
 
 
