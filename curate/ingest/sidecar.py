@@ -20,9 +20,6 @@ class Sidecar:
     rows: list[dict[str, Any]]  # every row of the sidecar Parquet, as written
     stats: dict[str, Any] | None  # the _stats.json, when present
 
-    def failures(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r.get("status") not in (SUCCESS, None)]
-
 
 def sidecar_uris(tar_uri: str) -> tuple[str, str]:
     stem = tar_uri[: -len(".tar")] if tar_uri.lower().endswith(".tar") else tar_uri.rsplit(".", 1)[0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curate.ingest.rows import check_image
-from curate.ingest.sidecar import Sidecar, read_sidecar
+from curate.ingest.sidecar import SUCCESS, Sidecar, read_sidecar
 from curate.ingest.tar_plan import TarPart
 from curate.ingest.tars import Sample, read_tar
 from curate.schema import make_key
@@ -171,7 +171,7 @@ def _sidecar_rows(
         status = record.get("status")
         if key is None or status is None:
             continue
-        if status == "success":
+        if status == SUCCESS:
             if str(key) in tar_keys:
                 continue
             row_status, error = "missing_from_tar", f"img2dataset's {tar_uri.rsplit('/', 1)[-1]} sidecar lists it"
