@@ -1,4 +1,4 @@
-"""The `curate` command: run, check, inspect, samples, train, sample."""
+"""The `curate` command: run, check, inspect, samples, serve, tiny-models, train, sample."""
 
 from __future__ import annotations
 
@@ -69,6 +69,26 @@ def _samples(args: argparse.Namespace) -> int:
     files = write_samples(args.folder, broken=not args.no_broken, duplicates=not args.no_duplicates)
     print(f"wrote {len(files)} image files (and their captions) to {args.folder}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from curate.serve import serve_during
+
+    command = args.serve_command
+    if not command:
+        print("curate serve: give the command to run after --, e.g. -- curate run pipelines/demo.yaml", file=sys.stderr)
+        return 2
+    try:
+        return serve_during(
+            args.folder,
+            args.url_list,
+            command,
+            port=args.port,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"curate serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _tiny_models(args: argparse.Namespace) -> int:
@@ -156,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--no-broken", action="store_true", help="leave out the three broken files")
     samples.add_argument("--no-duplicates", action="store_true", help="leave out the near-duplicate copies")
     samples.set_defaults(func=_samples)
+    serve = sub.add_parser(
+        "serve",
+        usage="curate serve FOLDER --url-list FILE [--port PORT] -- COMMAND ...",
+        help="serve a folder of images on 127.0.0.1 while a command runs, and write their URL list "
+        "(the offline demo's download stage)",
+    )
+    serve.add_argument("folder", help="the images, e.g. demo-data/images (same-named .txt files become captions)")
+    serve.add_argument("--url-list", required=True, help="Parquet URL list to write: url, caption, file")
+    serve.add_argument("--port", type=int, default=0, help="default: the list's earlier port if free, else any free")
+    serve.set_defaults(func=_serve)
     tiny = sub.add_parser(
         "tiny-models", help="build the offline demo's small random-weight models (captioner, SD3 encoders, VAE)"
     )
@@ -188,7 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:  # everything after -- is the command to run while serving
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
+    args.serve_command = command
     try:
         return args.func(args)
     except ConfigError as e:

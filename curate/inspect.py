@@ -55,10 +55,11 @@ def run_summary(run_uri: str) -> list[dict[str, Any]]:
 
 
 def read_stage(run_uri: str, name: str, columns: list[str] | None = None) -> pa.Table:
-    """All completed shards of a stage as one table (for notebooks on small runs)."""
+    """All completed shards of a stage as one table (for notebooks on small runs). Shards of a source may carry
+    different extra columns (each tar's metadata fields): a column a shard lacks is null in its rows."""
     uris = StageDir(storage.join(storage.absolute(run_uri), name)).shard_uris()
     tables = [storage.read_parquet(u, columns=columns) for u in uris]
-    return pa.concat_tables(tables) if tables else pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 
 def first_shard(run_uri: str, name: str) -> str | None:

@@ -29,9 +29,11 @@ class Progress:
     _started: float = field(default_factory=time.monotonic)
     _last: float = 0.0
     _rows_at_start: int = 0
+    _shards_at_start: int = 0
 
     def start(self) -> None:
         self._rows_at_start = self.rows_done
+        self._shards_at_start = self.shards_done
         self._started = time.monotonic()
         self.write(self.line())
 
@@ -53,9 +55,18 @@ class Progress:
 
     def line(self) -> str:
         rate = self.rate()
+        failed = f"  {self.failed} failed" if self.failed else ""
+        if self.rows_total == 0 and self.shards_total > 0:  # rows not known before reading (tars): shards tell
+            elapsed = time.monotonic() - self._started
+            left = self.shards_total - self.shards_done - self.failed
+            done_here = self.shards_done + self.failed - self._shards_at_start
+            eta = _duration(left * elapsed / done_here) if done_here > 0 and left > 0 else "-"
+            return (
+                f"[{self.stage}] shards {self.shards_done}/{self.shards_total}  "
+                f"rows {self.rows_done:,}  {rate:,.1f} rows/s  eta {eta}{failed}"
+            )
         left = self.rows_total - self.rows_done
         eta = _duration(left / rate) if rate > 0 and left > 0 else "-"
-        failed = f"  {self.failed} failed" if self.failed else ""
         return (
             f"[{self.stage}] shards {self.shards_done}/{self.shards_total}  "
             f"rows {self.rows_done:,}/{self.rows_total:,}  {rate:,.1f} rows/s  eta {eta}{failed}"

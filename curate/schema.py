@@ -31,6 +31,24 @@ IMAGE_SCHEMA = pa.schema(
     ]
 )
 
+# Sources that read images users already have add where each row came from after the image columns, then
+# the input's own metadata columns (docs/schema.md#webdataset, #parquet).
+WEBDATASET_SCHEMA = pa.schema(
+    [
+        *IMAGE_SCHEMA,
+        pa.field("source", pa.string(), nullable=False),  # the tar's URI
+        pa.field("source_key", pa.string()),  # the WebDataset key inside the tar (img2dataset's key)
+        pa.field("source_members", pa.list_(pa.string())),  # the tar members this row accounts for
+    ]
+)
+TABLE_SCHEMA = pa.schema(
+    [
+        *IMAGE_SCHEMA,
+        pa.field("source", pa.string(), nullable=False),  # the Parquet file's URI
+        pa.field("source_row", pa.int64(), nullable=False),  # the row's index in that file
+    ]
+)
+
 # Columns that repeat a lot and compress well as dictionaries; float and binary columns must not be
 # dictionary-encoded (NOTES.md: it costs time and gains nothing on tensors and JPEG bytes).
 DICTIONARY_COLUMNS = ["status", "format", "error"]

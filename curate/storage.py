@@ -135,6 +135,42 @@ def list_files(root: str, pattern: str | None = None, recursive: bool = True) ->
     return entries
 
 
+_GLOB_CHARS = frozenset("*?[")
+
+
+def has_glob(uri: str) -> bool:
+    return bool(_GLOB_CHARS & set(uri))
+
+
+def split_glob(uri: str) -> tuple[str, str]:
+    """(folder before the first glob character, the pattern below it)."""
+    parts = uri.split("/")
+    for i, part in enumerate(parts):
+        if _GLOB_CHARS & set(part):
+            return "/".join(parts[:i]) or "/", "/".join(parts[i:])
+    return uri, ""
+
+
+def expand(patterns: list[str] | tuple[str, ...]) -> list[str]:
+    """Files named or matched, in the order given: brace lists first (``{00000..00099}.tar``, ``{a,b}``, as
+    img2dataset and webdataset write them; the braceexpand package, which webdataset uses), then globs (each
+    glob's matches sorted). A glob that matches nothing is an error; a plain name is returned as it is."""
+    from braceexpand import braceexpand
+
+    files: list[str] = []
+    for pattern in patterns:
+        for name in braceexpand(pattern):
+            if not has_glob(name):
+                files.append(name)
+                continue
+            root, rest = split_glob(name)
+            matched = [e.uri for e in list_files(root, rest)]
+            if not matched:
+                raise FileNotFoundError(f"no file matches {name}")
+            files.extend(matched)
+    return files
+
+
 def list_names(root: str) -> list[str]:
     """Names directly inside a folder (files and folders), sorted; empty if it does not exist."""
     fs, base = resolve(root)

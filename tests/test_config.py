@@ -10,6 +10,7 @@ from conftest import REPO, curate_cli
 
 from curate.config import ConfigError, StageConfig
 from curate.pipeline import load_pipeline
+from curate.serve import write_url_list
 from curate.stages import STAGES, StageSpec
 
 
@@ -182,6 +183,7 @@ def test_shipped_pipelines_check_without_work(tmp_path, sample_images, tiny_mode
     (tmp_path / "demo-data").mkdir()
     (tmp_path / "demo-data" / "images").symlink_to(sample_images)
     (tmp_path / "demo-data" / "models").symlink_to(tiny_models)
+    write_url_list(sample_images, "http://127.0.0.1:8000", tmp_path / "demo-data" / "urls.parquet")  # curate serve's
     for path in sorted((REPO / "pipelines").glob("*.yaml")):
         result = curate_cli("check", str(path), cwd=tmp_path)
         assert result.returncode == 0, result.stderr

@@ -7,8 +7,10 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
@@ -64,6 +66,16 @@ def test_readme_demo_command_on_a_fresh_clone(tmp_path):
     run = clone / "runs" / "demo"
     record = json.loads((run / "ingest" / "_SUCCESS.json").read_text())
     assert record["rows"] == 31 and record["status"]["ok"] == 28
+    # the demo begins as the real job does: img2dataset downloaded every sample from a server on 127.0.0.1 that
+    # ran exactly as long as the run, and the broken samples came out with statuses
+    assert json.loads((run / "ingest" / "_stage.json").read_text())["kind"] == "download"
+    assert (
+        record["extra"]["urls"] == 31 and record["status"]["not_an_image"] == 2 and record["status"]["truncated"] == 1
+    )
+    url = pq.read_table(clone / "demo-data" / "urls.parquet")["url"][0].as_py()
+    assert url.startswith("http://127.0.0.1:") and f"curate serve: stopped {url.rsplit('/', 1)[0]}" in result.stderr
+    with pytest.raises(OSError):  # the server is gone with the command
+        urllib.request.urlopen(url, timeout=5)
     for stage in ("sscd", "dedup", "caption", "encode", "validate"):  # every stage ran to completion
         assert (run / stage / "_SUCCESS.json").is_file(), stage
     dedup = json.loads((run / "dedup" / "_SUCCESS.json").read_text())

@@ -21,7 +21,6 @@ from curate import storage
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 _COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
-_GLOB_CHARS = set("*?[")
 
 
 def detect_format(uri: str, declared: str = "auto") -> str:
@@ -40,31 +39,9 @@ def detect_format(uri: str, declared: str = "auto") -> str:
     raise ValueError(f"cannot tell the format of {uri} from its name; set input_format")
 
 
-def has_glob(uri: str) -> bool:
-    return bool(_GLOB_CHARS & set(uri))
-
-
-def split_glob(uri: str) -> tuple[str, str]:
-    parts = uri.split("/")
-    for i, part in enumerate(parts):
-        if _GLOB_CHARS & set(part):
-            return "/".join(parts[:i]) or "/", "/".join(parts[i:])
-    return uri, ""
-
-
 def expand(patterns: Iterable[str]) -> list[str]:
-    """Files named or matched (each glob's matches sorted), in the order given; globs may not be empty."""
-    files: list[str] = []
-    for pattern in patterns:
-        if not has_glob(pattern):
-            files.append(pattern)
-            continue
-        root, rest = split_glob(pattern)
-        matched = [e.uri for e in storage.list_files(root, rest)]
-        if not matched:
-            raise FileNotFoundError(f"no file matches {pattern}")
-        files.extend(matched)
-    return files
+    """Files named or matched (brace lists, then globs, each glob's matches sorted), in the order given."""
+    return storage.expand(list(patterns))
 
 
 def _open_text(uri: str):

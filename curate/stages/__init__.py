@@ -7,7 +7,7 @@ register a `StageSpec` here. docs/architecture.md walks through it.
 
 from __future__ import annotations
 
-from curate.stages import caption, dedup, download, encode, filter, local, score, sscd, validate
+from curate.stages import caption, dedup, download, encode, filter, local, parquet, score, sscd, validate, webdataset
 from curate.stages.spec import StageSpec, WorkContext
 
 STAGES: dict[str, StageSpec] = {
@@ -15,6 +15,8 @@ STAGES: dict[str, StageSpec] = {
     for spec in (
         local.SPEC,
         download.SPEC,
+        webdataset.SPEC,
+        parquet.SPEC,
         filter.SPEC,
         score.SPEC,
         sscd.SPEC,
