@@ -3,6 +3,7 @@ server, the `cluster` extra) that this test starts on 127.0.0.1 with token authe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -78,12 +79,14 @@ def ray_head(tmp_path_factory):
         wait_for_port(dashboard, head)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        # the whole process group at once (head daemons, agents, workers), then whatever is left: a graceful
+        # `--block` shutdown stops them one by one, which took half a minute here
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=3)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        head.wait()
 
 
 @pytest.mark.slow
