@@ -42,6 +42,7 @@ def ray_session(address: str | None, config: RayConfig) -> Iterator[str]:
         where = f"Ray cluster at {address}"
     else:
         ray.init(
+            address="local",  # a new instance: never join a cluster someone started on this machine with `ray start`
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus,
             object_store_memory=config.object_store_memory,

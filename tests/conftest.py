@@ -20,7 +20,13 @@ def ray_cluster():
 
     from curate.cluster import quiet_ray_data
 
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+    context = ray.init(
+        address="local",  # not a cluster another process started with `ray start` on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        log_to_driver=False,
+    )
     quiet_ray_data()
     yield context.address_info["gcs_address"]
     ray.shutdown()
