@@ -54,7 +54,7 @@ def cpu_header() -> None:
     import torch
     from threadpoolctl import threadpool_info
 
-    from curate.dedup.products import resolve_precision
+    from curate.dedup.products import describe_precision
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
@@ -68,7 +68,7 @@ def cpu_header() -> None:
     emulated = {k: os.environ[k] for k in AVX2_ONLY if k in os.environ}
     print(
         f"# kernels: torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}; BLAS {blas}; "
-        f"precision auto -> {resolve_precision('auto')}; AVX2 emulation env: {emulated or 'none'}"
+        f"precision auto -> {describe_precision('auto')}; AVX2 emulation env: {emulated or 'none'}"
     )
     a = torch.randn(2048, 512)
     b = torch.randn(512, 1024)
@@ -111,7 +111,7 @@ def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: 
         configs.append(("clustered, rounds 2", DedupParams(threshold=threshold, rounds=2)))
     else:
         configs += [
-            ("clustered, default, int8 products", DedupParams(threshold=threshold, precision="int8")),
+            ("clustered, bf16 products", DedupParams(threshold=threshold, precision="bf16")),
             ("clustered, default, fp32 products", DedupParams(threshold=threshold, precision="fp32")),
             ("clustered, top-1", DedupParams(threshold=threshold, assign_top=1)),
             ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
@@ -166,7 +166,7 @@ def cpu_split(n: int, threshold: float, seed: int) -> dict:
     """CPU seconds per phase of the default dedup with one thread (no thread waits on another, so the split
     is steadier than wall time on a loaded machine)."""
     from curate.dedup.cluster import DedupParams, cluster, clustered_pairs, normalize, pair_recall, planted_vectors
-    from curate.dedup.products import Vectors, use_bf16
+    from curate.dedup.products import Vectors
 
     x, group = planted_vectors(n, seed=seed)
     params = DedupParams(threshold=threshold, threads=1)
@@ -179,7 +179,7 @@ def cpu_split(n: int, threshold: float, seed: int) -> dict:
         return out
 
     xs = timed("normalize", lambda: normalize(x))
-    vectors = timed("bf16 copy", lambda: Vectors.of(xs, use_bf16(params.precision)))
+    vectors = timed("bf16 copy", lambda: Vectors.for_precision(xs, params.precision))
     clustering = timed("cluster", lambda: cluster(vectors, params))
     pairs = timed("range search", lambda: clustered_pairs(vectors, clustering, params))
     row["total"] = sum(row[k] for k in ("normalize", "bf16 copy", "cluster", "range search"))

@@ -204,7 +204,13 @@ def bench_global(n: int, folder: Path, shard_rows: int, cpus: int, queries: int,
             flush=True,
         )
     out = {}
-    modes = [("distributed", {"single_process_rows": 0, "resources": {"num_cpus": 1, "memory": 4 * GiB}})]
+    # distributed: one CPU per task, and the machine's CPUs for the single tasks between wide phases (k-means)
+    modes = [
+        (
+            "distributed",
+            {"single_process_rows": 0, "central_cpus": cpus, "resources": {"num_cpus": 1, "memory": 4 * GiB}},
+        )
+    ]
     if compare:
         modes.append(("single-process", {"single_process_rows": 10**12, "resources": {"num_cpus": cpus}}))
     for label, dedup in modes:

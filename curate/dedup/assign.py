@@ -31,9 +31,10 @@ from curate.dedup.layout import (
     Group,
     Where,
     code_columns,
+    folder_files,
     group_rows,
     name,
-    read_files,
+    read_folder,
     vector_array,
     vectors_of,
     write_table,
@@ -52,12 +53,12 @@ def _vectors(x16: np.ndarray, params: DedupParams) -> Vectors:
     return Vectors.for_precision(normalize(x16), params.precision)
 
 
-def sample(where: Where, group: Group, order: Order, exact_parts: int, offset: int, takes: dict[int, np.ndarray]):
+def sample(where: Where, group: Group, order: Order, offset: int, takes: dict[int, np.ndarray]):
     """Copy the group's k-means training rows of each round (``takes``: round -> sorted positions among the
     group's embedded rows; ``offset``: the group's first position overall)."""
     chosen: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {r: [] for r in takes}
     seen = 0
-    for rows in group_rows(where, group, order, exact_parts):
+    for rows in group_rows(where, group, order):
         reps = rows.reps
         assert rows.vectors is not None
         for r, positions in takes.items():
@@ -74,7 +75,7 @@ def sample(where: Where, group: Group, order: Order, exact_parts: int, offset: i
     return {"rows": seen}
 
 
-def kmeans(where: Where, r: int, groups: int, n: int, k: int, d: int, params: DedupParams, bucket_plan: dict | None):
+def kmeans(where: Where, r: int, n: int, k: int, d: int, params: DedupParams, bucket_plan: dict | None):
     """Train the round's centroids on its sample (``params.seed`` is the round's seed). With one cluster every
     row is in it: a unit vector stands for its centroid."""
     if k == 1:
@@ -83,7 +84,7 @@ def kmeans(where: Where, r: int, groups: int, n: int, k: int, d: int, params: De
             write_buckets(where, r, np.full(1, float(n)), **bucket_plan)
         return {"k": 1, "sample": 0}
     rows, init = sample_plan(n, k, params)
-    table = read_files([where.round(r, "sample", name("g", g) + ".parquet") for g in range(groups)])
+    table = read_folder(where.round(r, "sample"))
     assert table is not None
     table = table.sort_by("pos")
     x = _vectors(vectors_of(table["vector"], d), params)
@@ -98,12 +99,12 @@ def kmeans(where: Where, r: int, groups: int, n: int, k: int, d: int, params: De
     return {"k": k, "sample": len(x)}
 
 
-def refine(where: Where, r: int, i: int, group: Group, order: Order, exact_parts: int, params: DedupParams):
+def refine(where: Where, r: int, i: int, group: Group, order: Order, params: DedupParams):
     """One Lloyd pass over the group: nearest centroid of every embedded row, per-centroid sums (exact)."""
     centroids = read_array(where.round(r, f"centroids-{i - 1}.npy"))
     k, d = centroids.shape
     sums = np.zeros((k, d + 1), np.float64)
-    for rows in group_rows(where, group, order, exact_parts):
+    for rows in group_rows(where, group, order):
         reps = rows.reps
         if not len(reps):
             continue
@@ -162,7 +163,6 @@ def assign(
     r: int,
     group: Group,
     order: Order,
-    exact_parts: int,
     centroids_uri: str,
     params: DedupParams,
     with_nearest: bool,
@@ -173,11 +173,11 @@ def assign(
     centroids = read_array(centroids_uri)
     buckets = read_array(where.round(r, "buckets.npy"))
     k = len(centroids)
-    top = min(params.assign_top, k)
+    top = min(params.assign_top or 2, k)
     counts = np.zeros((k, 2), np.int64)  # members (any slot), nearest (slot 0)
     by_bucket: dict[int, list[pa.Table]] = {}  # appended per shard: the output is held once, never re-sorted
     nearest_parts: list[pa.Table] = []
-    for rows in group_rows(where, group, order, exact_parts, with_codes=True):
+    for rows in group_rows(where, group, order, with_codes=True):
         assert rows.vectors is not None
         reps = rows.reps
         if len(reps):
@@ -219,9 +219,9 @@ def assign(
     written = 0
     for bucket_index in sorted(by_bucket):
         table = pa.concat_tables(by_bucket.pop(bucket_index))
-        write_table(where.round(r, "assign", name("g", group.index), name("b", bucket_index) + ".parquet"), table)
+        write_table(where.round(r, "assign", name("b", bucket_index), name("g", group.index) + ".parquet"), table)
         written += table.num_rows
-    write_array(where.round(r, "assign", name("g", group.index) + "-counts.npy"), counts)
+    write_array(where.round(r, "counts", name("g", group.index) + ".npy"), counts)
     if with_nearest:
         table = pa.concat_tables(nearest_parts) if nearest_parts else _nearest_table(np.zeros(0), np.zeros(0))
         write_table(where.round(r, "nearest", name("g", group.index) + ".parquet"), table)
@@ -232,14 +232,14 @@ def _nearest_table(ids: np.ndarray, cluster: np.ndarray) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.int64()), "cluster": pa.array(cluster, pa.int32())})
 
 
-def plan_search(where: Where, r: int, groups: int, k: int, search_rows: int, analysis: int) -> dict[str, Any]:
+def plan_search(where: Where, r: int, k: int, search_rows: int, analysis: int) -> dict[str, Any]:
     """Exact cluster sizes (summed over the map groups) -> the round's search tasks: the clusters of each bucket
     packed into tasks of at most ``search_rows`` rows, and clusters above it, searched in keep-order blocks of
     ``search_rows`` / 2 (each search task then holds two blocks). Round 0 also picks the ``analysis`` clusters
     of the report's threshold analysis (their search tasks keep their rows for it)."""
     counts = np.zeros((k, 2), np.int64)
-    for g in range(groups):
-        counts += read_array(where.round(r, "assign", name("g", g) + "-counts.npy"))
+    for uri in folder_files(where.round(r, "counts"), ".npy"):
+        counts += read_array(uri)
     write_array(where.round(r, "sizes.npy"), counts)
     buckets = read_array(where.round(r, "buckets.npy"))
     tasks: list[dict[str, Any]] = []

@@ -48,21 +48,42 @@ def default_clusters(n: int) -> int:
     return int(min(MAX_CLUSTERS, max(1, min(n // 4, round(3 * math.sqrt(n))))))
 
 
+# (rows up to, assign_top, rounds): the cheapest measured settings with pair recall >= 0.99 on structureless
+# vectors (bench/dedup.py; docs/dedup.md): recall per round falls as clusters grow (3*sqrt(N)/... rows each),
+# and a third cluster per row costs less than another round (the search grows with top^2, a round redoes every
+# Lloyd pass).
+SEARCH_DEFAULTS = ((150_000, 2, 1), (2_000_000, 3, 2), (None, 3, 3))
+
+
+def default_search(n: int) -> tuple[int, int]:
+    """(assign_top, rounds) for ``n`` rows: top-2 and one clustering up to 150k rows (recall 0.995 at 100k),
+    top-3 and two up to 2M (0.9985 at 1M), top-3 and three beyond (recall at 10M in docs/dedup.md)."""
+    for limit, top, rounds in SEARCH_DEFAULTS:
+        if limit is None or n <= limit:
+            return top, rounds
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class DedupParams:
     threshold: float = 0.75  # cosine similarity; pairs strictly above it are duplicates
     clusters: int | None = None  # None: default_clusters(N)
-    assign_top: int = 2  # clusters each vector joins (1: SD3's plain assignment)
+    assign_top: int | None = None  # clusters each vector joins (1: SD3's plain assignment); None: default_search(N)
     points_per_centroid: int = 32  # k-means training sample = min(N, this * K)
     niter: int = 5  # on the sample; the refine iterations over all vectors follow (measured: 10 adds nothing)
     refine_iters: int = 2  # Lloyd iterations over all vectors after training on the sample
-    rounds: int = 1  # independent clusterings (seed, seed+1, ...) whose pairs are united: recall for time
+    rounds: int | None = None  # independent clusterings (seed, seed+1, ...) whose pairs are united; None: by N
     seed: int = 1234
     gpu: bool | None = None  # FAISS GPU k-means and assignment; None: when FAISS sees a GPU
     precision: Precision = "auto"  # CPU products: bf16 (AMX/AVX512-BF16), int8 (other x86) or fp32
     threads: int = 0  # clusters searched at once, each with single-threaded BLAS; 0: one per core
     block_rows: int = 4096  # rows per similarity block inside a large cluster (memory bound)
     max_neighbors: int = 32  # earlier neighbours kept per row, first in keep order (0: all)
+
+    def resolved(self, n: int) -> DedupParams:
+        """These settings for ``n`` rows: ``assign_top`` and ``rounds`` from ``default_search`` where unset."""
+        top, rounds = default_search(n)
+        return replace(self, assign_top=self.assign_top or top, rounds=self.rounds or rounds)
 
     @property
     def quota(self) -> int:
@@ -160,8 +181,9 @@ def cluster(x: np.ndarray | Vectors, params: DedupParams, bounds: np.ndarray | N
     GPU: FAISS's k-means and a FAISS GPU flat index. ``bounds``: row offsets where upstream shards start."""
     vectors = x if isinstance(x, Vectors) else Vectors.for_precision(x, params.precision)
     n, d = vectors.f32.shape
+    params = params.resolved(n)
     k = cluster_count(n, params)
-    top = min(params.assign_top, k)
+    top = min(params.assign_top or 2, k)
     gpu = gpu_available() if params.gpu is None else params.gpu
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -380,8 +402,8 @@ def dedup(
 ) -> DedupResult:
     """Near-duplicate removal over vectors ``x`` (N, d; normalised here); ``rank`` orders who is kept (0 first);
     ``bounds``: row offsets where upstream shards start (see ``cluster``)."""
-    params = params or DedupParams()
     n = len(x)
+    params = (params or DedupParams()).resolved(n)
     rank = np.arange(n) if rank is None else np.asarray(rank)
     if n == 0:
         empty = np.zeros(0, np.int64)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate import storage
-from curate.dedup.layout import Group, Settings, Where, codes_of, name, read_files, vectors_of
+from curate.dedup.layout import Group, Settings, Where, codes_of, name, read_files, read_folder, vectors_of
 from curate.dedup.order import dense_rank, keys_from_codes
 from curate.dedup.report import cluster_size_stats, threshold_analysis, write_report
 from curate.runfolder import shard_name
@@ -32,13 +32,11 @@ def _lookup(table: pa.Table | None, ids: np.ndarray) -> tuple[np.ndarray, np.nda
     return known[at] == ids, at
 
 
-def write(where: Where, group: Group, exact_parts: int, greedy_parts: int, rounds_done: bool) -> dict[str, Any]:
+def write(where: Where, group: Group, rounds_done: bool) -> dict[str, Any]:
     """The decision file of each shard of the group (``rounds_done``: the embedding search ran, i.e. some row had
     an embedding that was not an exact copy)."""
-    copies = read_files([where.path("exact", "out", name("p", p), name("g", group.index) + ".parquet")
-                         for p in range(exact_parts)])  # fmt: skip
-    near = read_files([where.path("graph", "greedy", name("g", g), name("m", group.index) + ".parquet")
-                       for g in range(greedy_parts)])  # fmt: skip
+    copies = read_folder(where.path("exact", "out", name("g", group.index)))
+    near = read_folder(where.path("graph", "greedy", name("m", group.index)))
     nearest = read_files([where.round(0, "nearest", name("g", group.index) + ".parquet")]) if rounds_done else None
     copies = copies.sort_by("id") if copies is not None else None
     near = near.sort_by("id") if near is not None else None
@@ -94,7 +92,7 @@ def write(where: Where, group: Group, exact_parts: int, greedy_parts: int, round
     return counts
 
 
-def report(where: Where, settings: Settings, analysis_files: list[str], d: int, totals: dict[str, Any]):
+def report(where: Where, settings: Settings, d: int, totals: dict[str, Any]):
     """The report: counts, cluster sizes, and the threshold analysis over the clusters round 0's plan sampled
     (their rows kept by the search tasks)."""
     sizes = np.zeros(0, np.int64)
@@ -103,7 +101,7 @@ def report(where: Where, settings: Settings, analysis_files: list[str], d: int, 
     if totals["searched"]:
         sizes = read_array(where.round(0, "sizes.npy"))[:, 1]
         chosen = np.array(json.loads(storage.read_text(where.round(0, "plan.json")))["analysed"], np.int64)
-        rows = read_files(analysis_files)
+        rows = read_folder(where.round(0, "analysis"))
     if rows is not None and rows.num_rows:
         rows = rows.sort_by("id")
         ids = rows["id"].to_numpy()

@@ -24,12 +24,13 @@ data; every phase exchanges files under ``_global/`` (curate.dedup.layout).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from curate.dedup import assign, decisions, exact, graph, search
 from curate.dedup.cluster import cluster_count, default_clusters, sample_plan
-from curate.dedup.layout import Group, Settings, Where, first_shards, group_shards, name
+from curate.dedup.layout import MIN_GROUP_ROWS, MIN_GROUPS, Group, Settings, Where, first_shards, group_shards, name
 from curate.steps import GlobalPhase, GlobalSteps, GlobalTask, PhaseResults
 
 FAN_IN = 32  # Lloyd partial sums added per task of the sum tree
@@ -63,7 +64,7 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
     copies = np.zeros(len(groups), np.int64)
     if settings.exact:
         resolved = yield from timed(_phase("exact", [
-            GlobalTask(name("p", p), exact.resolve, (where, p, len(groups), firsts)) for p in range(exact_parts)
+            GlobalTask(name("p", p), exact.resolve, (where, p, firsts)) for p in range(exact_parts)
         ]))  # fmt: skip
         for result in resolved.values():
             for g, count in result["copies"].items():
@@ -71,31 +72,34 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
     reps = ok_rows - copies
     offsets = np.concatenate([[0], np.cumsum(reps)])
     n = int(reps.sum())
+    params = params.resolved(n)
+    settings = replace(settings, params=params)
     k = cluster_count(n, params)
     top = min(params.assign_top, k)
     search_rows = settings.search_task_rows()
     parts = max(1, -(-n // settings.graph_task_rows()))
-    bucket_plan = {"top": top, "target": search_rows}  # a bucket that came out larger gives two search tasks
-    pair_files: list[list[str]] = [[] for _ in range(parts)]
+    # buckets of search_rows (one that came out larger gives two search tasks), but at least MIN_GROUPS of them
+    # (of MIN_GROUP_ROWS or more) so that a small run's search still spreads over the cluster's cores
+    target = min(search_rows, max(MIN_GROUP_ROWS, n * top // MIN_GROUPS))
+    bucket_plan = {"top": top, "target": target}
     pairs_found = 0
-    analysis_files: list[str] = []
-    for r in range(params.rounds if n else 0):
+    for r in range((params.rounds or 1) if n else 0):
         pr = assign.round_params(params, r)
         label = f"r{r}-"
         if k > 1:
             rows, _ = sample_plan(n, k, pr)
             yield from timed(_phase(label + "sample", [
                 GlobalTask(name("g", g.index), assign.sample,
-                           (where, g, order, exact_parts, int(offsets[g.index]), {r: _takes(rows, offsets, g)}))
+                           (where, g, order, int(offsets[g.index]), {r: _takes(rows, offsets, g)}))
                 for g in groups if reps[g.index]
             ]))  # fmt: skip
         last = bucket_plan if params.refine_iters == 0 or k == 1 else None
         yield from timed(_phase(label + "kmeans", [
-            GlobalTask("centroids", assign.kmeans, (where, r, len(groups), n, k, d, pr, last), settings.central_cpus)
+            GlobalTask("centroids", assign.kmeans, (where, r, n, k, d, pr, last), settings.central_cpus)
         ]))  # fmt: skip
         for i in range(1, params.refine_iters + 1 if k > 1 else 1):
             yield from timed(_phase(f"{label}refine{i}", [
-                GlobalTask(name("g", g.index), assign.refine, (where, r, i, g, order, exact_parts, pr))
+                GlobalTask(name("g", g.index), assign.refine, (where, r, i, g, order, pr))
                 for g in groups
             ]))  # fmt: skip
             inputs = [where.round(r, f"refine-{i}", name("g", g.index) + ".npy") for g in groups]
@@ -114,29 +118,27 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
             ]))  # fmt: skip
         final = where.round(r, f"centroids-{params.refine_iters if k > 1 else 0}.npy")
         yield from timed(_phase(label + "assign", [
-            GlobalTask(name("g", g.index), assign.assign, (where, r, g, order, exact_parts, final, pr, r == 0))
+            GlobalTask(name("g", g.index), assign.assign, (where, r, g, order, final, pr, r == 0))
             for g in groups
         ]))  # fmt: skip
         yield from timed(_phase(label + "plan", [
-            GlobalTask("plan", assign.plan_search, (where, r, len(groups), k, search_rows, settings.analysis_clusters))
+            GlobalTask("plan", assign.plan_search, (where, r, k, search_rows, settings.analysis_clusters))
         ]))  # fmt: skip
         search_plan = assign.read_plan(where, r)
         giant = search_plan["giant"]
         if giant:
             yield from timed(_phase(label + "split", [
                 GlobalTask(name("c", c["cluster"]), search.split,
-                           (where, r, c["cluster"], c["bucket"], len(groups), c["block"]))
+                           (where, r, c["cluster"], c["bucket"], c["block"]))
                 for c in giant
             ]))  # fmt: skip
         analysed = set(search_plan["analysed"])
         tasks = [
             GlobalTask(name("t", i), search.search,
-                       (where, r, name("t", i), t["bucket"], t["clusters"], len(groups), d, pr, parts,
+                       (where, r, name("t", i), t["bucket"], t["clusters"], d, pr, parts,
                         sorted(analysed.intersection(t["clusters"]))))
             for i, t in enumerate(search_plan["tasks"])
         ]  # fmt: skip
-        if r == 0:
-            analysis_files = [where.round(0, "analysis", t.name + ".parquet") for t in tasks]
         for c in giant:
             for j in range(c["blocks"]):
                 task = f"{name('c', c['cluster'])}-{name('b', j)}"
@@ -144,13 +146,10 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
                                         (where, r, task, c["cluster"], j, c["block"], d, pr, parts)))  # fmt: skip
         searched = yield from timed(_phase(label + "search", tasks))
         pairs_found += sum(res["pairs"] for res in searched.values())
-        for task in tasks:
-            for q in range(parts):
-                pair_files[q].append(where.round(r, "search", task.name, name("q", q) + ".parquet"))
     removed = bounded = unique_pairs = 0
     if pairs_found:
         pruned = yield from timed(_phase("prune", [
-            GlobalTask(name("q", q), graph.prune, (where, q, pair_files[q], parts, params.max_neighbors))
+            GlobalTask(name("q", q), graph.prune, (where, q, params.rounds or 1, parts, params.max_neighbors))
             for q in range(parts)
         ]))  # fmt: skip
         unique_pairs = sum(res["pairs"] for res in pruned.values())
@@ -166,13 +165,13 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
             GlobalTask(name("p", p), graph.route, (where, p, round_, parts, parts)) for p in range(parts)
         ]))  # fmt: skip
         decided = yield from timed(_phase("greedy", [
-            GlobalTask(name("g", g), graph.greedy, (where, g, parts, firsts)) for g in range(parts)
+            GlobalTask(name("g", g), graph.greedy, (where, g, firsts)) for g in range(parts)
         ]))  # fmt: skip
         removed = sum(res["removed"] for res in decided.values())
         bounded = sum(res["bounded"] for res in decided.values())
     written = yield from timed(_phase("write", [
         GlobalTask(name("g", g.index), decisions.write,
-                   (where, g, exact_parts, parts if pairs_found else 0, n > 0))
+                   (where, g, n > 0))
         for g in groups
     ]))  # fmt: skip
     totals = {
@@ -191,7 +190,7 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
     counted = sum(res["near_duplicate"] for res in written.values())
     if counted != removed:
         raise RuntimeError(f"the write phase found {counted} near duplicates, the greedy phase removed {removed}")
-    report = GlobalTask("report", decisions.report, (where, settings, analysis_files, d, totals), settings.central_cpus)
+    report = GlobalTask("report", decisions.report, (where, settings, d, totals), settings.central_cpus)
     yield from timed(_phase("report", [report]))
     removed_all = totals["exact_duplicates"] + totals["near_duplicates"]
     return {

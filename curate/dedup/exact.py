@@ -22,7 +22,7 @@ from curate.dedup.layout import (
     codes_of,
     group_of,
     name,
-    read_files,
+    read_folder,
     read_shard,
     write_table,
 )
@@ -65,14 +65,14 @@ def scan(where: Where, group: Group, order: Order, exact: bool, parts: int) -> d
         part = table["part"].to_numpy()
         for p in np.unique(part).tolist():
             chunk = table.filter(pa.array(part == p)).drop_columns(["part"])
-            write_table(where.path("exact", "map", name("g", group.index), name("p", p) + ".parquet"), chunk)
+            write_table(where.path("exact", "map", name("p", p), name("g", group.index) + ".parquet"), chunk)
             written += chunk.num_rows
     return {"ok": ok_rows, "hashed": written}
 
 
-def resolve(where: Where, part: int, groups: int, first_shards: np.ndarray) -> dict[str, Any]:
+def resolve(where: Where, part: int, first_shards: np.ndarray) -> dict[str, Any]:
     """The exact copies in one hash partition: all but the first row of each hash, in keep order."""
-    table = read_files([where.path("exact", "map", name("g", g), name("p", part) + ".parquet") for g in range(groups)])
+    table = read_folder(where.path("exact", "map", name("p", part)))
     if table is None or not table.num_rows:
         return {"copies": {}}
     order = pc.sort_indices(table, [("sha256", "ascending"), *((c, "ascending") for c in CODE_COLUMNS),
@@ -95,6 +95,6 @@ def resolve(where: Where, part: int, groups: int, first_shards: np.ndarray) -> d
     counts: dict[str, int] = {}
     for g in np.unique(group).tolist():
         chunk = copies.filter(pa.array(group == g))
-        write_table(where.path("exact", "out", name("p", part), name("g", g) + ".parquet"), chunk)
+        write_table(where.path("exact", "out", name("g", g), name("p", part) + ".parquet"), chunk)
         counts[str(g)] = chunk.num_rows
     return {"copies": counts}

@@ -23,14 +23,27 @@ import pyarrow as pa
 
 from curate import storage
 from curate.dedup.cluster import bound_neighbours, greedy_rule
-from curate.dedup.layout import Where, code_columns, codes_of, group_of, hash_part, name, read_files, write_table
+from curate.dedup.layout import (
+    Where,
+    code_columns,
+    codes_of,
+    folder_files,
+    group_of,
+    hash_part,
+    name,
+    read_files,
+    read_folder,
+    write_table,
+)
 from curate.dedup.order import dense_rank
 from curate.steps import read_array, write_array
 
 
-def prune(where: Where, q: int, search_files: list[str], parts: int, max_neighbors: int) -> dict[str, Any]:
+def prune(where: Where, q: int, rounds: int, parts: int, max_neighbors: int) -> dict[str, Any]:
     """Partition ``q`` of the pairs (by later row): dedupe, bound each row's earlier neighbours, write the graph."""
-    table = read_files(search_files)
+    found = [read_folder(where.round(r, "search", name("q", q))) for r in range(rounds)]
+    found = [t for t in found if t is not None]
+    table = pa.concat_tables(found) if found else None
     if table is None or not table.num_rows:
         return {"pairs": 0, "edges": 0, "cut": 0}
     a, b = table["a"].to_numpy(), table["b"].to_numpy()
@@ -48,7 +61,7 @@ def prune(where: Where, q: int, search_files: list[str], parts: int, max_neighbo
     if max_neighbors > 0:
         keep = place < max_neighbors
         a, b, sim, a_codes, b_codes = a[keep], b[keep], sim[keep], a_codes[keep], b_codes[keep]
-    write_table(where.path("graph", "prune", name("q", q) + "-edges.parquet"),
+    write_table(where.path("graph", "edges", name("q", q) + ".parquet"),
                 pa.table({"a": a, "b": b, "sim": pa.array(sim, pa.float32())}))  # fmt: skip
     nodes = np.concatenate([b, a])
     codes = np.concatenate([b_codes, a_codes])
@@ -59,10 +72,11 @@ def prune(where: Where, q: int, search_files: list[str], parts: int, max_neighbo
     y = np.concatenate([a, b])
     adj_part = hash_part(x, parts)
     for p in range(parts):
-        write_table(where.path("graph", "prune", name("q", q), name("nodes-p", p) + ".parquet"),
+        write_table(where.path("graph", "nodes", name("p", p), name("q", q) + ".parquet"),
                     node_table.filter(pa.array(node_part == p)))  # fmt: skip
         mine = adj_part == p
-        write_array(where.path("graph", "prune", name("q", q), name("adj-p", p) + ".npy"), np.stack([x[mine], y[mine]]))
+        adjacency = where.path("graph", "adjacency", name("p", p), name("q", q) + ".npy")
+        write_array(adjacency, np.stack([x[mine], y[mine]]))
     return {"pairs": pairs, "edges": len(a), "cut": len(cut)}
 
 
@@ -76,7 +90,7 @@ def _send(where: Where, round_: int, p: int, x_labels: np.ndarray, y: np.ndarray
     dest = hash_part(y, parts)
     for t in range(parts):
         mine = dest == t
-        write_array(where.path("graph", "cc", name("r", round_), name("p", p), name("to-", t) + ".npy"),
+        write_array(where.path("graph", "cc", name("r", round_), name("to", t), name("p", p) + ".npy"),
                     np.stack([y[mine], x_labels[mine]]))  # fmt: skip
     return len(y)
 
@@ -86,8 +100,7 @@ def components(where: Where, round_: int, p: int, parts: int) -> dict[str, Any]:
     adjacency from every prune task)."""
     folder = where.path("graph", "cc")
     if round_ == 0:
-        nodes = read_files([where.path("graph", "prune", name("q", q), name("nodes-p", p) + ".parquet")
-                            for q in range(parts)])  # fmt: skip
+        nodes = read_folder(where.path("graph", "nodes", name("p", p)))
         if nodes is None or not nodes.num_rows:
             nodes = pa.table({"id": pa.array([], pa.int64()), **code_columns(np.zeros((0, 4), np.uint64)),
                               "cut": pa.array([], pa.bool_())})  # fmt: skip
@@ -96,7 +109,7 @@ def components(where: Where, round_: int, p: int, parts: int) -> dict[str, Any]:
         first = np.r_[True, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, bool)
         nodes = nodes.filter(pa.array(first))
         write_table(storage_path(folder, p, "nodes.parquet"), nodes)
-        adj = [read_array(where.path("graph", "prune", name("q", q), name("adj-p", p) + ".npy")) for q in range(parts)]
+        adj = [read_array(u) for u in folder_files(where.path("graph", "adjacency", name("p", p)), ".npy")]
         adjacency = np.concatenate(adj, axis=1) if adj else np.zeros((2, 0), np.int64)
         write_array(storage_path(folder, p, "adj.npy"), adjacency)
         ids = nodes["id"].to_numpy()
@@ -107,10 +120,8 @@ def components(where: Where, round_: int, p: int, parts: int) -> dict[str, Any]:
         adjacency = read_array(storage_path(folder, p, "adj.npy"))
         previous = read_array(storage_path(folder, p, f"labels-{round_ - 1}.npy"))
         labels = previous.copy()
-        for source in range(parts):
-            msg = read_array(
-                where.path("graph", "cc", name("r", round_ - 1), name("p", source), name("to-", p) + ".npy")
-            )
+        for inbox in folder_files(where.path("graph", "cc", name("r", round_ - 1), name("to", p)), ".npy"):
+            msg = read_array(inbox)
             if msg.shape[1]:
                 at = np.searchsorted(ids, msg[0])
                 np.minimum.at(labels, at, msg[1])
@@ -134,25 +145,23 @@ def route(where: Where, p: int, last_round: int, parts: int, greedy_parts: int) 
     labels = read_array(storage_path(folder, p, f"labels-{last_round}.npy"))
     ids = nodes["id"].to_numpy()
     target = hash_part(labels, greedy_parts)
-    edges = read_files([where.path("graph", "prune", name("q", p) + "-edges.parquet")])
+    edges = read_files([where.path("graph", "edges", name("q", p) + ".parquet")])
     edge_target = (target[np.searchsorted(ids, edges["b"].to_numpy())] if edges is not None
                    else np.zeros(0, np.int64))  # fmt: skip
     for g in range(greedy_parts):
-        write_table(where.path("graph", "route", name("p", p), name("g", g) + "-nodes.parquet"),
+        write_table(where.path("graph", "route", "nodes", name("g", g), name("p", p) + ".parquet"),
                     nodes.filter(pa.array(target == g)))  # fmt: skip
         if edges is not None:
-            write_table(where.path("graph", "route", name("p", p), name("g", g) + "-edges.parquet"),
+            write_table(where.path("graph", "route", "edges", name("g", g), name("p", p) + ".parquet"),
                         edges.filter(pa.array(edge_target == g)))  # fmt: skip
     return {"components": len(np.unique(labels))}
 
 
-def greedy(where: Where, g: int, parts: int, first_shards: np.ndarray) -> dict[str, Any]:
+def greedy(where: Where, g: int, first_shards: np.ndarray) -> dict[str, Any]:
     """SD3's rule on the components of greedy partition ``g``; removed rows (and kept rows whose neighbour list
     was cut) written by the map group of the row."""
-    nodes = read_files([where.path("graph", "route", name("p", p), name("g", g) + "-nodes.parquet")
-                        for p in range(parts)])  # fmt: skip
-    edges = read_files([where.path("graph", "route", name("p", p), name("g", g) + "-edges.parquet")
-                        for p in range(parts)])  # fmt: skip
+    nodes = read_folder(where.path("graph", "route", "nodes", name("g", g)))
+    edges = read_folder(where.path("graph", "route", "edges", name("g", g)))
     if nodes is None or not nodes.num_rows:
         return {"removed": 0, "bounded": 0}
     nodes = nodes.sort_by("id")
@@ -181,6 +190,6 @@ def greedy(where: Where, g: int, parts: int, first_shards: np.ndarray) -> dict[s
     )
     group = group_of(ids[out], first_shards)
     for m in np.unique(group).tolist():
-        write_table(where.path("graph", "greedy", name("g", g), name("m", m) + ".parquet"),
+        write_table(where.path("graph", "greedy", name("m", m), name("g", g) + ".parquet"),
                     table.filter(pa.array(group == m)))  # fmt: skip
     return {"removed": int(removed.sum()), "bounded": int((cut & keep).sum()), "nodes": n}

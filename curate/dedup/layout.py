@@ -2,22 +2,24 @@
 
     _global/
       _tasks/<phase>/<task>.json         task markers (curate.steps)
-      exact/map/g<group>/p<part>.parquet  rows with a sha256, hash-partitioned           (scan)
-      exact/out/p<part>/g<group>.parquet  exact copies found, by map group of the copy     (exact)
+      exact/map/p<part>/g<group>.parquet  rows with a sha256, hash-partitioned           (scan)
+      exact/out/g<group>/p<part>.parquet  exact copies found, by map group of the copy     (exact)
       r<round>/sample/g<group>.parquet    k-means training rows                            (sample)
       r<round>/centroids-<i>.npy          after k-means (0) and each refine pass (i)       (kmeans, refine)
       r<round>/refine-<i>/...             per-group Lloyd sums and their tree sums
       r<round>/buckets.npy                cluster -> bucket (file partition of the assignment)
-      r<round>/assign/g<group>/b<bucket>.parquet  rows by bucket: id, slot, cluster, order codes, vector
-      r<round>/assign/g<group>-counts.npy members and nearest rows per cluster
+      r<round>/assign/b<bucket>/g<group>.parquet  rows by bucket: id, slot, cluster, order codes, vector
+      r<round>/counts/g<group>.npy        members and nearest rows per cluster
       r<round>/nearest/g<group>.parquet   nearest centroid of every embedded row (round 0: the `cluster` column)
       r<round>/plan.json                  search tasks: cluster groups and clusters over the cap (plan)
       r<round>/giant/c<cluster>/block-<i>.parquet  a cluster over the cap in keep-order blocks (split)
-      r<round>/search/<task>/q<part>.parquet      pairs found, hash-partitioned by the later row (search)
+      r<round>/search/q<part>/<task>.parquet      pairs found, hash-partitioned by the later row (search)
+      r0/analysis/<task>.parquet          rows of the threshold analysis's clusters
       graph/...                            the pair graph: pruned, components, greedy decisions
       shard-<index>.parquet                the decisions of each upstream shard (write), read by the shard tasks
 
-Row ids are ``shard << 32 | row`` (int64) everywhere; vectors travel as float16 bytes (1 KB per row at d=512).
+A file lives in the folder of the task that reads it, so each reader lists one folder. Row ids are
+``shard << 32 | row`` (int64) everywhere; vectors travel as float16 bytes (1 KB per row at d=512).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class Settings:
     # bytes per row, measured with bench/dedup.py --distributed (peak task RSS / rows) and rounded up
     def map_task_rows(self) -> int:
         """Rows of one map task: its assignment output (top x ~1.1 KB per row) is held until written."""
-        return self.map_rows or max(1000, int(0.35 * self.task_memory / (1100 * max(1, self.params.assign_top))))
+        top = self.params.assign_top or 3  # the default's most
+        return self.map_rows or max(1000, int(0.35 * self.task_memory / (1100 * top)))
 
     def search_task_rows(self) -> int:
         """Rows one search task loads (float16 read, float32 and bf16 copies: ~5 KB per row)."""
@@ -177,6 +180,18 @@ def read_files(uris: list[str], columns: list[str] | None = None) -> pa.Table | 
     return pa.concat_tables(tables) if tables else None
 
 
+def folder_files(folder: str, suffix: str) -> list[str]:
+    """The finished files of a folder, by name. Files are written into the folder of the task that reads them
+    (one listing per reader, never a probe per writer: at 1e9 rows that is thousands of writers)."""
+    names = storage.list_names(folder)
+    return [storage.join(folder, n) for n in names if n.endswith(suffix) and not n.startswith(".tmp-")]
+
+
+def read_folder(folder: str, columns: list[str] | None = None) -> pa.Table | None:
+    tables = [storage.read_parquet(u, columns=columns) for u in folder_files(folder, ".parquet")]
+    return pa.concat_tables(tables) if tables else None
+
+
 def write_table(uri: str, table: pa.Table) -> None:
     storage.write_parquet_atomic(uri, table, compression="zstd", use_dictionary=False)
 
@@ -220,17 +235,16 @@ def read_shard(
     return ShardRows(shard, ids, ok, codes, np.zeros(n, bool), vectors), table
 
 
-def exact_copies(where: Where, group: Group, parts: int) -> np.ndarray:
+def exact_copies(where: Where, group: Group) -> np.ndarray:
     """Ids of the group's rows that the exact step removed (sorted)."""
-    table = read_files([where.path("exact", "out", name("p", p), name("g", group.index) + ".parquet")
-                        for p in range(parts)], ["id"])  # fmt: skip
+    table = read_folder(where.path("exact", "out", name("g", group.index)), ["id"])
     return np.sort(table["id"].to_numpy()) if table is not None else np.zeros(0, np.int64)
 
 
-def group_rows(where: Where, group: Group, order: Order, parts: int, with_codes: bool = False) -> Iterator[ShardRows]:
+def group_rows(where: Where, group: Group, order: Order, with_codes: bool = False) -> Iterator[ShardRows]:
     """The group's shards with their vectors, one at a time (bounded memory), exact copies marked; keep-order
     codes only when asked (they cost a pass over the keys)."""
-    copies = exact_copies(where, group, parts)
+    copies = exact_copies(where, group)
     for shard, _ in group.shards:
         rows, _ = read_shard(where.upstream, shard, order, with_vectors=True, with_codes=with_codes)
         rows.exact_copy = np.isin(rows.ids, copies)

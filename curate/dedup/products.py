@@ -1,18 +1,16 @@
 """The inner products dedup spends its time on (nearest centroids, in-cluster similarities), in the cheapest
 precision the CPU multiplies natively, with results that do not depend on how rows are split into blocks.
 
-Precisions (``precision``; ``auto`` picks the first the CPU runs natively):
-- ``bf16``: CPUs with AMX or AVX512-BF16, through PyTorch's oneDNN kernels. Nearest centroids use the bf16
-  products directly; the range search uses them to pick candidates above ``threshold - BF16_MARGIN`` and
-  recomputes each candidate in float32. For unit vectors the bf16 error is below 2 * 2^-9 (inputs rounded) +
-  2^-9 (output rounded) < 0.006 with float32 accumulation, inside the margin.
-- ``int8``: every other x86 CPU (AVX2, AVX512-VNNI): nearest centroids through ``torch._int_mm`` (oneDNN's int8
-  GEMM, measured 2x numpy's float32 on an AVX2-limited run), rows quantised to 7 bits with a scale of their
-  own, centroids to 8 bits with one shared scale (7 bits on one side keeps AVX2's vpmaddubsw from saturating:
-  the products are then exact int32, identical on every ISA). The error only moves a row between two
-  almost equally near centroids: a different partition, never a different similarity. The range search uses
-  float32 products (candidates above ``threshold - FP32_MARGIN``), then the same float32 recheck.
-- ``fp32``: numpy's float32 BLAS everywhere.
+Two kinds of products, each in the cheapest precision the CPU runs natively (``resolve_precision``):
+- nearest centroids (k-means, Lloyd passes, assignment) in int8 through ``torch._int_mm`` (oneDNN's int8 GEMM):
+  rows quantised to 7 bits with a scale of their own, centroids to 8 bits with one shared scale (7 bits on one
+  side keeps AVX2's vpmaddubsw from saturating: the products are then exact int32, identical on every ISA).
+  The error only moves a row between two almost equally near centroids: a different partition, never a
+  different similarity. (bf16 or float32 when asked, or without PyTorch.)
+- range-search candidates in bf16 on CPUs with AMX or AVX512-BF16 (PyTorch's oneDNN kernels), candidates
+  above ``threshold - BF16_MARGIN``, each rechecked in float32. For unit vectors the bf16 error is below
+  2 * 2^-9 (inputs rounded) + 2^-9 (output rounded) < 0.006 with float32 accumulation, inside the margin.
+  Elsewhere float32 products (candidates above ``threshold - FP32_MARGIN``), then the same recheck.
 Quantisation error in nearest-centroid choices only changes which rows meet; every similarity returned is the
 float32 dot product of the two normalised rows (``similarity``), whichever precision found the candidate.
 
@@ -83,27 +81,32 @@ def int8_available() -> bool:
         return False
 
 
-def resolve_precision(precision: Precision) -> Literal["bf16", "int8", "fp32"]:
-    """``auto``: bf16 where the CPU multiplies it natively, else int8 (PyTorch's int8 GEMM), else fp32."""
+def resolve_precision(precision: Precision) -> tuple[str, str]:
+    """(nearest-centroid products, range-search candidate products) for a ``precision`` setting.
+
+    ``auto``: int8 for the nearest centroids wherever PyTorch has its int8 GEMM (measured 1.6x bf16 and 4x numpy
+    float32 on an AVX512-BF16 EPYC, 2x float32 under an AVX2 limit, and the same pair recall as bf16: 0.921 vs
+    0.915 at 1M), and bf16 candidates for the range search where the CPU multiplies bf16 natively (AMX /
+    AVX512-BF16), else float32 ones. ``bf16``, ``int8``, ``fp32`` force one kind for both (int8: float32 search)."""
     if precision in ("bf16", "int8"):
         import torch  # noqa: F401  (a clear ImportError when asked for them without PyTorch)
 
-        return precision
+        return (precision, "bf16" if precision == "bf16" else "fp32")
     if precision == "fp32":
-        return "fp32"
-    if bf16_native():
-        return "bf16"
-    return "int8" if int8_available() else "fp32"
+        return ("fp32", "fp32")
+    return ("int8" if int8_available() else "fp32", "bf16" if bf16_native() else "fp32")
 
 
-def use_bf16(precision: Precision) -> bool:
-    return resolve_precision(precision) == "bf16"
+def describe_precision(precision: Precision) -> str:
+    nearest, search = resolve_precision(precision)
+    return f"{nearest} nearest centroids, {search} search candidates"
 
 
 @dataclass
 class Vectors:
     """L2-normalised float32 rows (the exact values) and, for bf16 products, a bf16 copy made once.
-    ``int8``: nearest centroids through int8 products (quantised per block, nothing stored)."""
+    ``int8``: nearest centroids through int8 products (quantised per block, nothing stored); without it and
+    with a bf16 copy, through bf16 products."""
 
     f32: np.ndarray
     b16: Any = None  # torch.Tensor (N, d) bfloat16, or None for float32 / int8 products
@@ -115,12 +118,12 @@ class Vectors:
             return Vectors(x, None, int8)
         import torch
 
-        return Vectors(x, torch.from_numpy(x).to(torch.bfloat16))
+        return Vectors(x, torch.from_numpy(x).to(torch.bfloat16), int8)
 
     @staticmethod
     def for_precision(x: np.ndarray, precision: Precision) -> Vectors:
-        mode = resolve_precision(precision)
-        return Vectors.of(x, bf16=mode == "bf16", int8=mode == "int8")
+        nearest, search = resolve_precision(precision)
+        return Vectors.of(x, bf16=search == "bf16", int8=nearest == "int8")
 
     def __len__(self) -> int:
         return len(self.f32)
@@ -130,7 +133,7 @@ class Vectors:
             return Vectors(self.f32[rows], None, self.int8)
         import torch
 
-        return Vectors(self.f32[rows], self.b16[torch.from_numpy(np.asarray(rows, np.int64))])
+        return Vectors(self.f32[rows], self.b16[torch.from_numpy(np.asarray(rows, np.int64))], self.int8)
 
 
 @contextlib.contextmanager
@@ -174,7 +177,13 @@ def nearest(
     """The ``top`` nearest centroids (inner product) of every row, nearest first, as (N, top) int64."""
     top = min(top, len(centroids))
     out = np.empty((len(x), top), np.int64)
-    if x.b16 is not None:
+    if x.int8:
+        ct, k = _int8_centroids(centroids)
+
+        def block(span: tuple[int, int]) -> None:
+            start, end = span
+            out[start:end] = _top_int8(x.f32[start:end], ct, k, top)
+    elif x.b16 is not None:
         import torch
 
         ct = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(torch.bfloat16).T.contiguous()
@@ -183,12 +192,6 @@ def nearest(
             start, end = span
             sims = x.b16[start:end] @ ct
             out[start:end] = _top_bf16(sims, top, lambda: x.b16[start:end] @ ct)
-    elif x.int8:
-        ct, k = _int8_centroids(centroids)
-
-        def block(span: tuple[int, int]) -> None:
-            start, end = span
-            out[start:end] = _top_int8(x.f32[start:end], ct, k, top)
     else:
         c = np.ascontiguousarray(centroids, np.float32).T
 

@@ -24,6 +24,7 @@ from curate.dedup.layout import (
     Where,
     code_columns,
     codes_of,
+    folder_files,
     hash_part,
     name,
     vectors_of,
@@ -33,18 +34,17 @@ from curate.dedup.order import CODE_COLUMNS, sort_order
 from curate.dedup.products import Vectors, pairs_in_clusters, scan
 
 
-def _bucket_files(where: Where, r: int, bucket: int, groups: int) -> list[str]:
-    return [where.round(r, "assign", name("g", g), name("b", bucket) + ".parquet") for g in range(groups)]
+def _bucket_files(where: Where, r: int, bucket: int) -> list[str]:
+    return folder_files(where.round(r, "assign", name("b", bucket)), ".parquet")
 
 
-def _rows_of(where: Where, r: int, bucket: int, groups: int, clusters: list[int]) -> pa.Table | None:
+def _rows_of(where: Where, r: int, bucket: int, clusters: list[int]) -> pa.Table | None:
     """The bucket's rows of ``clusters``, read one map group's file at a time."""
     wanted = pa.array(clusters, pa.int32())
     parts = []
-    for uri in _bucket_files(where, r, bucket, groups):
-        if storage.exists(uri):
-            table = storage.read_parquet(uri)
-            parts.append(table.filter(pc.is_in(table["cluster"], value_set=wanted)))
+    for uri in _bucket_files(where, r, bucket):
+        table = storage.read_parquet(uri)
+        parts.append(table.filter(pc.is_in(table["cluster"], value_set=wanted)))
     return pa.concat_tables(parts) if parts else None
 
 
@@ -70,15 +70,15 @@ def _write_pairs(where: Where, r: int, task: str, table: pa.Table, a: np.ndarray
     for q in range(parts):
         chunk = pairs.filter(pa.array(part == q))
         if chunk.num_rows:
-            write_table(where.round(r, "search", task, name("q", q) + ".parquet"), chunk)
+            write_table(where.round(r, "search", name("q", q), task + ".parquet"), chunk)
     return pairs.num_rows
 
 
-def search(where: Where, r: int, task: str, bucket: int, clusters: list[int], groups: int, d: int,
+def search(where: Where, r: int, task: str, bucket: int, clusters: list[int], d: int,
            params: DedupParams, parts: int, analysed: list[int]) -> dict[str, Any]:  # fmt: skip
     """Pairs inside a group of whole clusters of one bucket; the nearest-centroid rows of its ``analysed``
     clusters are kept for the report's threshold analysis."""
-    table = _rows_of(where, r, bucket, groups, clusters)
+    table = _rows_of(where, r, bucket, clusters)
     if table is None or not table.num_rows:
         return {"rows": 0, "pairs": 0}
     table = _keep_order(table, by_cluster=True)
@@ -100,14 +100,13 @@ def search(where: Where, r: int, task: str, bucket: int, clusters: list[int], gr
 # -- clusters above the cap ---------------------------------------------------------------------------------------
 
 
-def split(where: Where, r: int, cluster: int, bucket: int, groups: int, block: int) -> dict[str, Any]:
+def split(where: Where, r: int, cluster: int, bucket: int, block: int) -> dict[str, Any]:
     """Cut one cluster into keep-order blocks of ``block`` rows, streaming (ids and codes held, vectors not)."""
     columns = ["cluster", "id", *CODE_COLUMNS]
     keys = []
-    for uri in _bucket_files(where, r, bucket, groups):
-        if storage.exists(uri):
-            table = storage.read_parquet(uri, columns=columns)
-            keys.append(table.filter(pc.equal(table["cluster"], cluster)).drop_columns(["cluster"]))
+    for uri in _bucket_files(where, r, bucket):
+        table = storage.read_parquet(uri, columns=columns)
+        keys.append(table.filter(pc.equal(table["cluster"], cluster)).drop_columns(["cluster"]))
     order = pa.concat_tables(keys)
     ids = order["id"].to_numpy()
     position = np.empty(len(ids), np.int64)
@@ -117,9 +116,7 @@ def split(where: Where, r: int, cluster: int, bucket: int, groups: int, block: i
     blocks = int(block_of.max()) + 1 if len(ids) else 0
     with contextlib.ExitStack() as stack:
         writers: dict[int, Any] = {}
-        for uri in _bucket_files(where, r, bucket, groups):
-            if not storage.exists(uri):
-                continue
+        for uri in _bucket_files(where, r, bucket):
             table = storage.read_parquet(uri)
             table = table.filter(pc.equal(table["cluster"], cluster))
             which = block_of[np.searchsorted(ids_sorted, table["id"].to_numpy())]

@@ -54,7 +54,6 @@ def _starts(shards: list[tuple[int, int]]) -> np.ndarray:
 def decide(settings: Settings, table: pa.Table, vectors: np.ndarray, shards: list[tuple[int, int]]):
     """keep / dup_of / similarity / cluster / reason for every row, the report, and the cluster sizes."""
     started = time.perf_counter()
-    params = settings.params
     n = table.num_rows
     ids = np.concatenate([row_ids(s, rows) for s, rows in shards]) if shards else np.zeros(0, np.int64)
     keys = table["key"].to_pylist()
@@ -67,6 +66,7 @@ def decide(settings: Settings, table: pa.Table, vectors: np.ndarray, shards: lis
     sha = [h if ok[i] and settings.exact else None for i, h in enumerate(table["sha256"].to_pylist())]
     exact_of = exact_groups(sha, rank)
     reps = np.flatnonzero(ok & (exact_of < 0))
+    params = settings.params.resolved(len(reps))
     starts = _starts(shards)
     result = cluster_dedup(vectors[reps], rank[reps], params, np.searchsorted(reps, starts))
 

@@ -37,11 +37,13 @@ class DedupConfig(StageConfig):
 
     threshold: float = Field(0.75, gt=-1.0, lt=1.0)  # cosine similarity; > threshold is a copy (SSCD: 0.75)
     clusters: PositiveInt | None = None  # K; default 3*sqrt(N), at most 16,000 (SD3's K)
-    assign_top: int = Field(2, ge=1, le=8)  # clusters each vector joins; 2 catches pairs split by a boundary
+    # clusters each vector joins (a pair split by a boundary still meets), and independent clusterings whose pairs
+    # are united; None: by N (2 and 1 up to 150k rows, 3 and 2 up to 2M, 3 and 3 beyond; docs/dedup.md)
+    assign_top: int | None = Field(None, ge=1, le=8)
     points_per_centroid: PositiveInt = 32  # k-means training sample = min(N, this * K)
     niter: PositiveInt = 5  # k-means iterations on the sample (the refine iterations follow)
     refine_iters: int = Field(2, ge=0)  # Lloyd iterations over all vectors afterwards (each one assignment pass)
-    rounds: PositiveInt = 1  # independent clusterings whose pairs are united (docs/dedup.md: 2 for >= 1M rows)
+    rounds: PositiveInt | None = None
     max_neighbors: int = Field(32, ge=0)  # earlier neighbours kept per row (first in keep order); 0: all
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
@@ -149,8 +151,9 @@ def kept_keys(dedup_stage_uri: str, index: int) -> set[str]:
 
 def describe(config: DedupConfig) -> str:
     k = config.clusters or "3*sqrt(N)"
-    rounds = f", {config.rounds} rounds" if config.rounds > 1 else ""
-    return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment{rounds}, {config.order}"
+    top = f"top-{config.assign_top}" if config.assign_top else "top-2/3 (by N)"
+    rounds = f", {config.rounds} rounds" if config.rounds else ", 1-3 rounds (by N)"
+    return f"cosine > {config.threshold:g}, K={k}, {top} assignment{rounds}, {config.order}"
 
 
 SPEC = StageSpec(
