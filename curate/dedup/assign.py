@@ -268,6 +268,17 @@ def plan_search(where: Where, r: int, k: int, search_rows: int, analysis: int) -
     return {"tasks": len(tasks), "giant": len(giant), "members": int(counts[:, 0].sum())}
 
 
+def remove_rows(where: Where, r: int) -> dict[str, Any]:
+    """Delete the round's rows by bucket and its large clusters' blocks once its search has run (they are the
+    step's bulk: assign_top x ~1 KB per embedded row and round)."""
+    freed = 0
+    for folder in (where.round(r, "assign"), where.round(r, "giant")):
+        freed += sum(f.size for f in storage.list_files(folder))
+        if storage.exists(folder):
+            storage.remove_tree(folder)
+    return {"bytes": freed}
+
+
 def round_params(params: DedupParams, r: int) -> DedupParams:
     return replace(params, seed=params.seed + r)
 

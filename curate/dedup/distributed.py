@@ -10,6 +10,7 @@
       plan    one task                                                  -> search tasks
       split   one task per cluster over the cap                          -> its keep-order blocks
       search  one task per cluster group / per block of a large cluster -> pairs by hash of the later row
+      cleanup one task                                                  -> the round's rows by bucket deleted
     prune     one task per pair partition                               -> the bounded pair graph
     ccN       label propagation rounds, one task per node partition      -> connected components
     route, greedy  one task per partition of components                 -> rows removed by SD3's rule
@@ -146,6 +147,8 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
                                         (where, r, task, c["cluster"], j, c["block"], d, pr, parts)))  # fmt: skip
         searched = yield from timed(_phase(label + "search", tasks))
         pairs_found += sum(res["pairs"] for res in searched.values())
+        # the round's rows by bucket (assign_top x 1 KB per row) are read by its search only: free the disk
+        yield from timed(_phase(label + "cleanup", [GlobalTask("assign", assign.remove_rows, (where, r))]))
     removed = bounded = unique_pairs = 0
     if pairs_found:
         pruned = yield from timed(_phase("prune", [
