@@ -129,7 +129,7 @@ def found_pairs(run: Path) -> np.ndarray:
     import pyarrow.parquet as pq
 
     keys = []
-    for file in (run / "dedup" / "_global").glob("r*/search/*/q*.parquet"):
+    for file in (run / "dedup" / "_global").glob("r*/search/q*/*.parquet"):
         table = pq.read_table(file, columns=["a", "b"])
         a, b = _positions(table["a"].to_numpy()), _positions(table["b"].to_numpy())
         keys.append(np.minimum(a, b) * (1 << 40) + np.maximum(a, b))

@@ -40,7 +40,7 @@ from curate.dedup.layout import (
     write_table,
 )
 from curate.dedup.order import Order
-from curate.dedup.products import Vectors
+from curate.dedup.products import Vectors, resolve_precision
 from curate.dedup.report import analysed_clusters
 from curate.steps import read_array, write_array
 
@@ -50,7 +50,9 @@ def _gpu(params: DedupParams) -> bool:
 
 
 def _vectors(x16: np.ndarray, params: DedupParams) -> Vectors:
-    return Vectors.for_precision(normalize(x16), params.precision)
+    """Normalised rows for nearest-centroid products only (no bf16 copy unless those products are bf16)."""
+    nearest, _ = resolve_precision(params.precision)
+    return Vectors.of(normalize(x16), bf16=nearest == "bf16", int8=nearest == "int8")
 
 
 def sample(where: Where, group: Group, order: Order, offset: int, takes: dict[int, np.ndarray]):
@@ -266,6 +268,14 @@ def plan_search(where: Where, r: int, k: int, search_rows: int, analysis: int) -
     plan = {"tasks": tasks, "giant": giant, "analysed": sorted(int(c) for c in chosen)}
     storage.write_json(where.round(r, "plan.json"), plan)
     return {"tasks": len(tasks), "giant": len(giant), "members": int(counts[:, 0].sum())}
+
+
+def remove_cache(where: Where) -> dict[str, Any]:
+    """Delete the embeddings cache once the last vector pass has run."""
+    freed = sum(f.size for f in storage.list_files(where.path("cache")))
+    if storage.exists(where.path("cache")):
+        storage.remove_tree(where.path("cache"))
+    return {"bytes": freed}
 
 
 def remove_rows(where: Where, r: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@
       split   one task per cluster over the cap                          -> its keep-order blocks
       search  one task per cluster group / per block of a large cluster -> pairs by hash of the later row
       cleanup one task                                                  -> the round's rows by bucket deleted
+    cache-cleanup                                                       -> the embeddings cache deleted
     prune     one task per pair partition                               -> the bounded pair graph
     ccN       label propagation rounds, one task per node partition      -> connected components
     route, greedy  one task per partition of components                 -> rows removed by SD3's rule
@@ -149,6 +150,8 @@ def plan(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int
         pairs_found += sum(res["pairs"] for res in searched.values())
         # the round's rows by bucket (assign_top x 1 KB per row) are read by its search only: free the disk
         yield from timed(_phase(label + "cleanup", [GlobalTask("assign", assign.remove_rows, (where, r))]))
+    if n:  # the last vector pass has run
+        yield from timed(_phase("cache-cleanup", [GlobalTask("cache", assign.remove_cache, (where,))]))
     removed = bounded = unique_pairs = 0
     if pairs_found:
         pruned = yield from timed(_phase("prune", [

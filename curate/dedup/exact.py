@@ -39,7 +39,7 @@ def scan(where: Where, group: Group, order: Order, exact: bool, parts: int) -> d
     """Count the group's embedded rows; with ``exact``, partition those with a sha256 by its CRC-32."""
     ok_rows, tables = 0, []
     for shard, _ in group.shards:
-        rows, table = read_shard(where.upstream, shard, order, with_vectors=False)
+        rows, table = read_shard(where, shard, order, with_vectors=False)
         ok_rows += int(rows.ok.sum())
         if not exact:
             continue

@@ -2,6 +2,7 @@
 
     _global/
       _tasks/<phase>/<task>.json         task markers (curate.steps)
+      cache/shard-<index>.npy             the upstream shard's embeddings as raw float16 (first vector pass)
       exact/map/p<part>/g<group>.parquet  rows with a sha256, hash-partitioned           (scan)
       exact/out/g<group>/p<part>.parquet  exact copies found, by map group of the copy     (exact)
       r<round>/sample/g<group>.parquet    k-means training rows                            (sample)
@@ -36,6 +37,7 @@ from curate.dedup.order import CODE_COLUMNS, Order, order_codes, row_ids, shard_
 from curate.dedup.report import DEFAULT_THRESHOLDS
 from curate.runfolder import shard_name
 from curate.schema import embedding_matrix
+from curate.steps import read_array, write_array
 
 GiB = 2**30
 MIN_GROUPS = 16  # map tasks at least, where there are that many upstream shards ...
@@ -216,13 +218,26 @@ class ShardRows:
         return np.flatnonzero(self.ok & ~self.exact_copy)
 
 
+def shard_vectors(where: Where, shard: int) -> np.ndarray:
+    """A shard's embeddings as (n, d) float16, from the step's cache, made by the first pass that needs them.
+
+    Measured: reading the fixed-shape tensor column from Parquet costs ~12 us a row (float16 values stored as
+    2-byte FIXED_LEN_BYTE_ARRAY list elements, decoded one by one), the cache's raw bytes ~0.5 us; the
+    distributed step reads every vector four times a round (sample, two Lloyd passes, assignment)."""
+    uri = where.path("cache", shard_name(shard) + ".npy")
+    if storage.exists(uri):
+        return read_array(uri)
+    table = storage.read_parquet(storage.join(where.upstream, shard_name(shard) + ".parquet"), columns=["sscd"])
+    x = np.ascontiguousarray(embedding_matrix(table["sscd"]), np.float16)
+    write_array(uri, x)
+    return x
+
+
 def read_shard(
-    upstream: str, shard: int, order: Order, with_vectors: bool, with_codes: bool = True
+    where: Where, shard: int, order: Order, with_vectors: bool, with_codes: bool = True
 ) -> tuple[ShardRows, pa.Table]:
-    columns = (
-        ["status", "sha256"] + (["key", "width", "height"] if with_codes else []) + (["sscd"] if with_vectors else [])
-    )
-    table = storage.read_parquet(storage.join(upstream, shard_name(shard) + ".parquet"), columns=columns)
+    columns = ["status", "sha256", *(["key", "width", "height"] if with_codes else [])]
+    table = storage.read_parquet(storage.join(where.upstream, shard_name(shard) + ".parquet"), columns=columns)
     n = table.num_rows
     ids = row_ids(shard, n)
     codes = np.zeros((n, 4), np.uint64)
@@ -231,7 +246,7 @@ def read_shard(
         height = table["height"].to_numpy(zero_copy_only=False).astype(np.float64)
         codes = order_codes(order, table["key"].to_pylist(), width, height, ids)
     ok = np.asarray(table["status"].to_numpy(zero_copy_only=False) == "ok", bool)
-    vectors = embedding_matrix(table["sscd"]) if with_vectors else None
+    vectors = shard_vectors(where, shard) if with_vectors else None
     return ShardRows(shard, ids, ok, codes, np.zeros(n, bool), vectors), table
 
 
@@ -246,6 +261,6 @@ def group_rows(where: Where, group: Group, order: Order, with_codes: bool = Fals
     codes only when asked (they cost a pass over the keys)."""
     copies = exact_copies(where, group)
     for shard, _ in group.shards:
-        rows, _ = read_shard(where.upstream, shard, order, with_vectors=True, with_codes=with_codes)
+        rows, _ = read_shard(where, shard, order, with_vectors=True, with_codes=with_codes)
         rows.exact_copy = np.isin(rows.ids, copies)
         yield rows
