@@ -5,11 +5,15 @@
     python bench/dedup.py --skip-sscd     # vectors only
     python bench/dedup.py --sweep         # recall/time over K and top-1/top-2 (how the defaults were chosen)
     python bench/dedup.py --n 1000000 --cpu-split   # CPU seconds per phase, one thread, 100k and 1M
+    python bench/dedup.py --emulate-avx2 --skip-sscd  # the same on an AVX2-only CPU's kernels (see cpu_header)
+    python bench/dedup.py --distributed 10000000      # the stage's distributed global step at 10M (~10 GB)
+    python bench/dedup.py --compare 1000000           # distributed vs single-process global step, same data
 
 Part 1, on N synthetic 512-d unit vectors with planted near-duplicate groups (curate.dedup.cluster.
 planted_vectors): time and pair recall of our dedup (default settings, and top-1 assignment for
 comparison) against FAISS IndexFlatIP.range_search over all vectors in the same run.
-Part 2: the sscd stage's images/s (curate.stages.sscd.process on a shard of JPEGs, model loaded once as in
+Part 2 (--distributed / --compare, bench/dedup_global.py): the dedup stage's global step through the runner.
+Part 3: the sscd stage's images/s (curate.stages.sscd.process on a shard of JPEGs, model loaded once as in
 an actor) against calling the model directly on the same already decoded and resized batches.
 """
 
@@ -21,15 +25,73 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+# An AVX2-only CPU's kernels on an AVX-512 machine: PyTorch's dispatch (ATEN_CPU_CAPABILITY) and oneDNN's
+# (ONEDNN_MAX_CPU_ISA) limited to AVX2, both OpenBLAS builds (numpy's and FAISS's) forced to their Haswell kernels,
+# FAISS's SIMD level to AVX2, MKL (if any) to AVX2. cpu_header shows that each took effect.
+AVX2_ONLY = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+    "FAISS_OPT_LEVEL": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni")
+
+
+def cpu_header() -> None:
+    """The CPU (lscpu model and the flags that decide the product kernels), and what the kernels really use:
+    PyTorch's capability, OpenBLAS's core types, and 2048 x 512 x 1024 products' GFLOP/s in bf16, int8 and fp32
+    (bf16 is ~50x slower where no bf16 unit is usable, which is how to tell an emulated AVX2 run worked)."""
+    import subprocess
+
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from curate.dedup.products import describe_precision
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = set(info.get("Flags", "").split())
+    print(
+        f"# CPU: {info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs; flags: "
+        f"{' '.join(f for f in FLAGS if f in flags)} (absent: {' '.join(f for f in FLAGS if f not in flags)})"
+    )
+    blas = ", ".join(f"{i.get('internal_api')} {i.get('architecture')}" for i in threadpool_info()
+                     if i.get("user_api") == "blas")  # fmt: skip
+    emulated = {k: os.environ[k] for k in AVX2_ONLY if k in os.environ}
+    print(
+        f"# kernels: torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}; BLAS {blas}; "
+        f"precision auto -> {describe_precision('auto')}; AVX2 emulation env: {emulated or 'none'}"
+    )
+    a = torch.randn(2048, 512)
+    b = torch.randn(512, 1024)
+    torch.set_num_threads(1)
+    rates = {}
+    for label, (x, y, mm) in {
+        "bf16": (a.bfloat16(), b.bfloat16(), torch.matmul),
+        "int8": ((a * 20).to(torch.int8), (b * 20).to(torch.int8), torch._int_mm),
+        "fp32 numpy": (a.numpy(), b.numpy(), np.matmul),
+    }.items():
+        mm(x, y)
+        started, calls = time.perf_counter(), 0
+        while time.perf_counter() - started < 0.3:
+            mm(x, y)
+            calls += 1
+        rates[label] = 2 * 2048 * 512 * 1024 * calls / (time.perf_counter() - started) / 1e9
+    print("# one-thread GEMM GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+    torch.set_num_threads(os.cpu_count() or 1)
+
 
 def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: int) -> list[dict]:
     from curate.dedup.cluster import DedupParams, brute_force_pairs, dedup, pair_recall, planted_vectors
+    from curate.dedup.products import bf16_native
 
     x, group = planted_vectors(n, seed=seed)
     rows = []
@@ -50,6 +112,11 @@ def bench_vectors(n: int, threshold: float, brute_max: int, seed: int, queries: 
         configs.append(("clustered, rounds 2", DedupParams(threshold=threshold, rounds=2)))
     else:
         configs += [
+            *(
+                [("clustered, bf16 products", DedupParams(threshold=threshold, precision="bf16"))]
+                if bf16_native()
+                else []
+            ),
             ("clustered, default, fp32 products", DedupParams(threshold=threshold, precision="fp32")),
             ("clustered, top-1", DedupParams(threshold=threshold, assign_top=1)),
             ("clustered, top-1, no refine (SD3 plain)", DedupParams(threshold=threshold, assign_top=1, refine_iters=0)),
@@ -104,7 +171,7 @@ def cpu_split(n: int, threshold: float, seed: int) -> dict:
     """CPU seconds per phase of the default dedup with one thread (no thread waits on another, so the split
     is steadier than wall time on a loaded machine)."""
     from curate.dedup.cluster import DedupParams, cluster, clustered_pairs, normalize, pair_recall, planted_vectors
-    from curate.dedup.products import Vectors, use_bf16
+    from curate.dedup.products import Vectors
 
     x, group = planted_vectors(n, seed=seed)
     params = DedupParams(threshold=threshold, threads=1)
@@ -117,7 +184,7 @@ def cpu_split(n: int, threshold: float, seed: int) -> dict:
         return out
 
     xs = timed("normalize", lambda: normalize(x))
-    vectors = timed("bf16 copy", lambda: Vectors.of(xs, use_bf16(params.precision)))
+    vectors = timed("bf16 copy", lambda: Vectors.for_precision(xs, params.precision))
     clustering = timed("cluster", lambda: cluster(vectors, params))
     pairs = timed("range search", lambda: clustered_pairs(vectors, clustering, params))
     row["total"] = sum(row[k] for k in ("normalize", "bf16 copy", "cluster", "range search"))
@@ -262,16 +329,33 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="K and top-k sweep instead (group-based truth)")
     parser.add_argument("--cpu-split", action="store_true", help="CPU seconds per phase on one thread instead")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--emulate-avx2", action="store_true", help="run on AVX2 kernels only (see cpu_header)")
+    parser.add_argument("--distributed", type=int, help="N rows through the stage's distributed global step")
+    parser.add_argument("--compare", type=int, help="N rows: distributed vs single-process global step")
+    parser.add_argument("--folder", default="/tmp/curate-dedup-bench", help="where --distributed writes its data")
+    parser.add_argument("--shard-rows", type=int, default=100_000, help="--distributed: rows per sscd shard")
+    parser.add_argument("--keep-data", action="store_true", help="--distributed: keep the data folder")
     args = parser.parse_args()
+    if args.emulate_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
 
     import faiss
 
     from curate.dedup.cluster import DedupParams, dedup
-    from curate.dedup.products import bf16_native
 
+    cpu_header()
+    gpus = getattr(faiss, "get_num_gpus", lambda: 0)()
     print(f"# {platform.node()} faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
-          f"GPUs seen by FAISS: {getattr(faiss, 'get_num_gpus', lambda: 0)()}; bf16 products: {bf16_native()}; "
-          f"load average {os.getloadavg()}")  # fmt: skip
+          f"GPUs seen by FAISS: {gpus}; load average {os.getloadavg()}")  # fmt: skip
+    if args.distributed or args.compare:
+        from dedup_global import bench_global
+
+        n = args.distributed or args.compare
+        result = bench_global(n, Path(args.folder), args.shard_rows, args.threads, args.queries, args.threshold,
+                              args.seed, compare=bool(args.compare), keep_data=args.keep_data)  # fmt: skip
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        return
     dedup(np.random.default_rng(0).standard_normal((4096, 512)), params=DedupParams())  # imports, kernel set-up
     sizes = sorted({min(100_000, args.n), args.n})
     if args.cpu_split:

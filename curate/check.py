@@ -13,8 +13,8 @@ def _resources(stage) -> str:
     r = stage.resources
     spec = STAGES[stage.kind]
     worker = "actor pool (model loaded once per actor)" if spec.setup is not None else "tasks"
-    if spec.prepare is not None:
-        worker = f"one global task first, then {worker}"
+    if spec.global_step is not None and spec.global_when(stage):
+        worker = f"a global step of Ray tasks first, then {worker}"
     bits = [f"{r.num_cpus:g} CPU", f"{r.num_gpus:g} GPU per worker", f"concurrency {r.concurrency or 'auto'}"]
     if r.batch_size:
         bits.append(f"batch {r.batch_size}")

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from curate import __version__, storage
+from curate import __version__, steps, storage
 from curate.cluster import ray_session, resolve_address
 from curate.config import Pipeline, StageConfig
 from curate.progress import Progress
 from curate.runfolder import RunDir, ShardStats, ShardTask, StageDir, summarize
 from curate.schema import SCHEMA_VERSION, parquet_options
 from curate.stages import STAGES, StageSpec, WorkContext
+from curate.steps import GlobalPhase, GlobalTask, PhaseResults
 
 
 class RunError(Exception):
@@ -125,24 +126,98 @@ def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
     )
 
 
-def _global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir, step: str) -> dict[str, Any]:
-    function = getattr(STAGES[job.kind], step)
-    assert function is not None
-    return function(job.config, upstream, stage_dir, job.context)
+def _closing_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
+    finish = STAGES[job.kind].finish
+    assert finish is not None
+    return finish(job.config, upstream, stage_dir, job.context)
 
 
-def run_global_step(
-    job: StageJob, upstream: StageDir | None, stage_dir: StageDir, step: str = "prepare"
-) -> dict[str, Any]:
-    """A stage's global step (`prepare` before the shards, `finish` after them) as one Ray task with the
-    stage's resources (a GPU for FAISS when asked)."""
-    import ray
-
+def _task_options(job: StageJob) -> dict[str, Any]:
     resources = job.config.resources
-    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_retries": 0}
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
     if resources.memory:
         options["memory"] = resources.memory
-    return ray.get(ray.remote(_global_step).options(**options).remote(job, upstream, stage_dir, step))
+    return options
+
+
+def run_closing_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
+    """A stage's closing step (`finish`, after the shards) as one Ray task with the stage's resources."""
+    import ray
+
+    remote = ray.remote(_closing_step).options(**_task_options(job), max_retries=0)
+    return ray.get(remote.remote(job, upstream, stage_dir))
+
+
+TASK_RETRIES = 3  # a task whose worker or node died is run again (Ray's system-failure retries)
+MAX_IN_FLIGHT = 4096  # tasks submitted at once when the stage sets no concurrency (Ray queues them by resources)
+
+
+def run_phase(job: StageJob, stage_dir: StageDir, phase: GlobalPhase, log=print) -> PhaseResults:
+    """One phase of a global step: its tasks without a marker as Ray tasks (at most `resources.concurrency` at
+    once), the others' results read back from their markers. A task that raises fails the phase after the
+    others have finished; its marker is missing, so a re-run runs only it (and the phases after)."""
+    import ray
+
+    name = job.context.stage_name
+    done = steps.done_tasks(stage_dir.global_uri, phase.name)
+    results: PhaseResults = {t.name: steps.read_result(stage_dir.global_uri, phase.name, t.name) for t in phase.tasks
+                             if t.name in done}  # fmt: skip
+    queue = [t for t in phase.tasks if t.name not in done]
+    if not queue:
+        return results
+    log(f"[{name}] global step, {phase.name}: {len(queue)} of {len(phase.tasks)} tasks to run")
+    remote = ray.remote(steps.run_task)
+    options = {**_task_options(job), "max_retries": TASK_RETRIES}
+    limit = job.config.resources.concurrency or MAX_IN_FLIGHT
+    in_flight: dict[Any, GlobalTask] = {}
+    failures: dict[str, str] = {}
+    queue.reverse()
+    while queue or in_flight:
+        while queue and len(in_flight) < limit:
+            task = queue.pop()
+            own = {"num_cpus": task.num_cpus} if task.num_cpus is not None else {}
+            named = remote.options(**{**options, **own}, name=f"{name}:{phase.name}:{task.name}")
+            ref = named.remote(stage_dir.global_uri, phase.name, task)
+            in_flight[ref] = task
+        refs = list(in_flight)
+        finished, rest = ray.wait(refs, num_returns=1)
+        if rest:  # and every other one finished by now (one wait per finished task would be quadratic)
+            finished += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        for ref in finished:
+            task = in_flight.pop(ref)
+            try:
+                results[task.name] = ray.get(ref)["result"]
+            except Exception as e:  # the task raised (Ray retried it if its worker died)
+                failures[task.name] = str(e)
+    if failures:
+        first = sorted(failures)[0]
+        raise RunError(
+            f"{len(failures)} of {len(phase.tasks)} tasks of phase {phase.name!r} failed; finished tasks keep "
+            f"their markers and a re-run runs only the others. First failure, {first}:\n{failures[first]}"
+        )
+    return {t.name: results[t.name] for t in phase.tasks}
+
+
+def run_global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir, log=print) -> dict[str, Any]:
+    """Drive a stage's global step (curate.steps): phases of Ray tasks, each phase's results sent back into the
+    stage's generator, until it returns its summary. Runs on the driver, which only holds the small results."""
+    spec = STAGES[job.kind]
+    assert spec.global_step is not None
+    plan = spec.global_step(job.config, upstream, stage_dir, job.context)
+    results: PhaseResults | None = None
+    started = time.perf_counter()
+    phases: list[str] = []
+    while True:
+        try:
+            phase = plan.send(results)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            summary = dict(stop.value or {})
+            summary.setdefault("seconds", round(time.perf_counter() - started, 3))
+            summary["phases"] = phases
+            summary["driver_peak_rss_bytes"] = steps.peak_rss()  # this process, for the whole run so far
+            return summary
+        phases.append(phase.name)
+        results = run_phase(job, stage_dir, phase, log)
 
 
 def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
@@ -228,13 +303,13 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
     job = StageJob(stage.kind, stage, context)
     if pending:
-        needs_global = spec.prepare is not None and spec.prepare_when(stage)
+        needs_global = spec.global_step is not None and spec.global_when(stage)
         if needs_global and not storage.exists(stage_dir.global_marker_uri):
             log(f"[{name}] global step")
             try:
-                summary = run_global_step(job, upstream, stage_dir)
+                summary = run_global_step(job, upstream, stage_dir, log)
             except Exception as e:
-                raise RunError(f"stage {name!r}: the global step failed; a re-run retries it.\n{e}") from e
+                raise RunError(f"stage {name!r}: the global step failed; a re-run resumes it.\n{e}") from e
             storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
         for result in _map_shards(spec, job, pending).iter_rows():
             if result["ok"]:
@@ -255,7 +330,7 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     if spec.finish is not None:
         log(f"[{name}] closing step")
         try:
-            finish = {"finish": run_global_step(job, upstream, stage_dir, "finish")}
+            finish = {"finish": run_closing_step(job, upstream, stage_dir)}
         except Exception as e:
             raise RunError(f"stage {name!r}: the closing step failed; a re-run retries it.\n{e}") from e
     record = {

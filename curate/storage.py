@@ -7,12 +7,14 @@ protocol) go through fsspec wrapped in a pyarrow ``PyFileSystem``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,6 +225,17 @@ def write_parquet_atomic(
     size = fs.get_file_info(tmp).size
     fs.move(tmp, path)
     return int(size or 0)
+
+
+@contextlib.contextmanager
+def parquet_writer(uri: str, schema: pa.Schema, **options: Any) -> Iterator[pq.ParquetWriter]:
+    """A streaming Parquet writer (one row group per ``write_table``) on a temporary name, renamed into place
+    when the block exits without an error; for files too large to build as one table first."""
+    fs, path = resolve(uri)
+    tmp = _temporary_sibling(fs, path)
+    with fs.open_output_stream(tmp) as sink, pq.ParquetWriter(sink, schema, **options) as writer:
+        yield writer
+    fs.move(tmp, path)
 
 
 def remove_temporaries(folder_uri: str) -> int:

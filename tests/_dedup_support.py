@@ -80,3 +80,90 @@ def run_dedup_pipeline(
     }
     parsed = parse_pipeline(yaml.safe_dump(pipeline), "dedup-test.yaml", base_dir=run.parent)
     return run_pipeline(parsed, log=lambda line: None)
+
+
+# -- synthetic sscd stages for the global step's tests (no model: the embeddings are what is under test) ----------
+
+
+def planted_embeddings(n: int, giant: int, seed: int = 1):
+    """Unit vectors with planted near-duplicate groups (curate.dedup.cluster.planted_vectors) and, in the first
+    ``giant`` rows, a cluster of near-identical vectors (pairwise cosine ~0.9), like LAION's placeholders."""
+    import numpy as np
+
+    from curate.dedup.cluster import planted_vectors
+
+    x, _ = planted_vectors(n, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    centre = rng.standard_normal(x.shape[1]).astype(np.float32)
+    centre /= np.linalg.norm(centre)
+    near = centre + 0.015 * rng.standard_normal((giant, x.shape[1])).astype(np.float32)
+    x[:giant] = near / np.linalg.norm(near, axis=1, keepdims=True)
+    return x
+
+
+def write_sscd_stage(run: Path, x, shard_rows: int, copy_every: int = 37, bad_every: int = 53) -> dict[str, int]:
+    """A complete `sscd` stage in ``run`` (shards, markers, record): every ``copy_every``-th row an exact copy of
+    the row before it (same sha256 and embedding), every ``bad_every``-th row not embedded. Returns the counts
+    of shards, exact copies and rows without an embedding."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate import storage
+    from curate.runfolder import RunDir, ShardStats
+    from curate.schema import SSCD_SCHEMA, make_key
+
+    stage = RunDir(str(run)).stage("sscd")
+    x16 = np.asarray(x, np.float16)
+    rng = np.random.default_rng(0)
+    n, index, copies, missing = len(x), 0, 0, 0
+    for start in range(0, n, shard_rows):
+        rows = list(range(start, min(n, start + shard_rows)))
+        bad = {g for g in rows if g % bad_every == 5}
+        copy = {g for g in rows if g % copy_every == 3 and g not in bad and g - 1 not in bad and g > 0}
+        vectors = np.array([x16[g - 1] if g in copy else x16[g] for g in rows])
+        vectors[[i for i, g in enumerate(rows) if g in bad]] = 0
+        side = rng.integers(100, 400, len(rows)).astype(np.int32)
+        table = pa.table(
+            {
+                "key": [make_key(f"row-{g}") for g in rows],
+                "sscd": pa.FixedShapeTensorArray.from_numpy_ndarray(vectors),
+                "status": ["decode_error" if g in bad else "ok" for g in rows],
+                "error": [None] * len(rows),
+                "width": pa.array(side, pa.int32()),
+                "height": pa.array(side, pa.int32()),
+                "sha256": [None if g in bad else f"{(g - 1 if g in copy else g):064x}" for g in rows],
+            }
+        )
+        storage.write_parquet_atomic(stage.shard(index), table.select(SSCD_SCHEMA.names).cast(SSCD_SCHEMA))
+        status = {"ok": len(rows) - len(bad), **({"decode_error": len(bad)} if bad else {})}
+        stage.write_marker(ShardStats(index, len(rows), status, 0.0, 0))
+        index, copies, missing = index + 1, copies + len(copy), missing + len(bad)
+    storage.write_json(stage.success_uri, {"stage": "sscd", "shards": index})
+    return {"shards": index, "copies": copies, "missing": missing}
+
+
+def dedup_only_pipeline(run: Path, images: Path, dedup: dict) -> str:
+    """A local -> sscd -> dedup pipeline whose sscd stage is already in ``run``: run it with --stages dedup."""
+    pipeline = {
+        "name": "dedup-global-step",
+        "output": str(run),
+        "models": {"sscd": {"path": ONNX_SSCD}},
+        "stages": [
+            {"kind": "local", "name": "ingest", "path": str(images), "captions": "none"},
+            {"kind": "sscd"},
+            {"kind": "dedup", **dedup},
+        ],
+    }
+    return yaml.safe_dump(pipeline)
+
+
+def run_dedup_only(run: Path, images: Path, dedup: dict) -> dict:
+    parsed = parse_pipeline(dedup_only_pipeline(run, images, dedup), "dedup-test.yaml", base_dir=run.parent)
+    return run_pipeline(parsed, only=["dedup"], log=lambda line: None)
+
+
+def read_decisions(run: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(f) for f in sorted((run / "dedup").glob("shard-*.parquet"))])

@@ -190,6 +190,37 @@ def test_top_fraction_cutoff_is_exact_with_ties_across_shards():
     assert cutoff(Candidates.empty(), 0.3, lambda s: [])[0] is None
 
 
+def test_bounded_top_fraction_cutoff_equals_the_in_memory_one(tmp_path):
+    """The stage's radix selection (per-shard histograms, the boundary bin, the keys tied at the cutoff) finds
+    the same cutoff as sorting every candidate in memory, with many ties and negative scores."""
+    from curate.filter import top_fraction as top
+
+    rng = np.random.default_rng(0)
+    shards = {i: (rng.choice(np.float32([-0.2, 0.0, 0.31, 0.3100001]), 300).astype(np.float32)
+                  if i == 1 else rng.normal(0.2, 0.1, 500).astype(np.float32)) for i in range(4)}  # fmt: skip
+    keys = {i: [f"{i}-{j:04d}-{rng.integers(10**6)}" for j in range(len(v))] for i, v in shards.items()}
+    root = str(tmp_path)
+    for fraction in (0.3, 0.51, 1.0):
+        candidates = Candidates.empty()
+        for i, values in shards.items():
+            candidates.add(i, np.arange(len(values)), values)
+            top.write_candidates(root, i, values, keys[i])
+        expected, summary = cutoff(candidates, fraction, lambda i: keys[i])
+        total = sum(len(v) for v in shards.values())
+        k = top.keep_count(fraction, total)
+        high = top.select(root, 0, list(shards), k)
+        for i in shards:
+            top.low_histogram(root, i, high["digit"])
+        low = top.select(root, 1, list(shards), k - high["before"])
+        code = (high["digit"] << top.DIGIT) | low["digit"]
+        for i in shards:
+            top.tied_keys(root, i, code)
+        found = top.resolve(root, list(shards), code, k, high["before"] + low["before"], fraction, total,
+                            str(tmp_path / "top.json"))  # fmt: skip
+        assert (found["cutoff_score"], found["cutoff_key"]) == expected
+        assert found["tied_at_cutoff"] == summary["tied_at_cutoff"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # config errors name the field
 

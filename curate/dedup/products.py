@@ -1,15 +1,18 @@
-"""The inner products dedup spends its time on (nearest centroids, in-cluster similarities), in bf16 where the
-CPU multiplies bf16 natively (Intel AMX / AVX512-BF16, through PyTorch's oneDNN kernels), else float32.
+"""The inner products dedup spends its time on (nearest centroids, in-cluster similarities), in the cheapest
+precision the CPU multiplies natively, with results that do not depend on how rows are split into blocks.
 
-Why: on the 2-core Sapphire Rapids development machine a (100k x 512) x (512 x 1k) product takes 1.18 s in
-numpy's float32 OpenBLAS and 0.05 s in PyTorch bf16 (measured, docs/dedup.md). bf16 keeps 8 mantissa bits,
-so:
-- nearest-centroid assignment uses the bf16 products directly: rounding can only swap two centroids that
-  are almost equally near, which changes a partition, never a similarity;
-- the range search uses them to pick candidate pairs above ``threshold - BF16_MARGIN`` and recomputes every
-  candidate in float32, so the pairs and similarities returned are exactly the float32 ones. For unit
-  vectors the bf16 error is at most 2 * 2^-9 (inputs rounded) + 2^-9 (output rounded) < 0.006 (fp32
-  accumulation), inside the margin.
+Two kinds of products, each in the cheapest precision the CPU runs natively (``resolve_precision``):
+- nearest centroids (k-means, Lloyd passes, assignment) in int8 through ``torch._int_mm`` (oneDNN's int8 GEMM):
+  rows quantised to 7 bits with a scale of their own, centroids to 8 bits with one shared scale (7 bits on one
+  side keeps AVX2's vpmaddubsw from saturating: the products are then exact int32, identical on every ISA).
+  The error only moves a row between two almost equally near centroids: a different partition, never a
+  different similarity. (bf16 or float32 when asked, or without PyTorch.)
+- range-search candidates in bf16 on CPUs with AMX or AVX512-BF16 (PyTorch's oneDNN kernels), candidates
+  above ``threshold - BF16_MARGIN``, each rechecked in float32. For unit vectors the bf16 error is below
+  2 * 2^-9 (inputs rounded) + 2^-9 (output rounded) < 0.006 with float32 accumulation, inside the margin.
+  Elsewhere float32 products (candidates above ``threshold - FP32_MARGIN``), then the same recheck.
+Quantisation error in nearest-centroid choices only changes which rows meet; every similarity returned is the
+float32 dot product of the two normalised rows (``similarity``), whichever precision found the candidate.
 
 Work is split into row blocks run by a thread pool with one BLAS/PyTorch thread each: on busy cores this
 measured faster than one multi-threaded product (OpenMP threads spin-wait on each other).
@@ -18,7 +21,9 @@ measured faster than one multi-threaded product (OpenMP threads spin-wait on eac
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,63 +31,109 @@ from typing import Any, Literal
 
 import numpy as np
 
-Precision = Literal["auto", "bf16", "fp32"]
+Precision = Literal["auto", "bf16", "int8", "fp32"]
 BF16_MARGIN = 0.01  # candidates above threshold - margin are rechecked in float32 (bf16 error < 0.006)
+FP32_MARGIN = 1e-4  # float32 GEMM vs the float32 recheck: both within 512 * 2^-24 = 3.1e-5 of the exact value
 ROWS = 4096  # rows per range-search block inside a large cluster (memory bound)
+TILE = 4_194_304  # similarities per tile of a large cluster's search (bounds the candidate lists)
 ASSIGN_ROWS = 2048  # rows per nearest-centroid block (measured ~10% less CPU than 4096 at K=3000: cache)
 
 
 def cores() -> int:
+    """Threads to use: the CPUs Ray gave the current task (a reused worker keeps the OMP_NUM_THREADS of the task
+    it was started for), else OpenMP's count (OMP_NUM_THREADS), else the machine's."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+        except Exception:
+            pass
     try:
         import faiss
 
-        return max(1, faiss.omp_get_max_threads())  # honours OMP_NUM_THREADS, which Ray sets per task
+        return max(1, faiss.omp_get_max_threads())
     except Exception:
         return max(1, os.cpu_count() or 1)
 
 
 def bf16_native() -> bool:
-    """True when PyTorch is installed and reports AMX or AVX512-BF16 on this CPU (bf16 GEMMs are fast)."""
+    """True when PyTorch reports AMX or AVX512-BF16 on this CPU and its kernels may use AVX-512 (bf16 GEMMs
+    are fast). ``ATEN_CPU_CAPABILITY=avx2`` (with ``ONEDNN_MAX_CPU_ISA=AVX2``) makes an AVX-512 CPU behave like
+    an AVX2 one, which is how bench/dedup.py measures the AVX2 machines."""
     try:
         import torch
     except ImportError:
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX", "AVX512_BF16"):
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(check is not None and bool(check()) for check in checks)
 
 
-def use_bf16(precision: Precision) -> bool:
-    if precision == "bf16":
-        import torch  # noqa: F401  (a clear ImportError when asked for bf16 without PyTorch)
+def int8_available() -> bool:
+    try:
+        import torch
 
-        return True
-    return precision == "auto" and bf16_native()
+        return hasattr(torch, "_int_mm")
+    except ImportError:
+        return False
+
+
+def resolve_precision(precision: Precision) -> tuple[str, str]:
+    """(nearest-centroid products, range-search candidate products) for a ``precision`` setting.
+
+    ``auto``: int8 for the nearest centroids wherever PyTorch has its int8 GEMM (measured 1.6x bf16 and 4x numpy
+    float32 on an AVX512-BF16 EPYC, 2x float32 under an AVX2 limit, and the same pair recall as bf16: 0.921 vs
+    0.915 at 1M), and bf16 candidates for the range search where the CPU multiplies bf16 natively (AMX /
+    AVX512-BF16), else float32 ones. ``bf16``, ``int8``, ``fp32`` force one kind for both (int8: float32 search)."""
+    if precision in ("bf16", "int8"):
+        import torch  # noqa: F401  (a clear ImportError when asked for them without PyTorch)
+
+        return (precision, "bf16" if precision == "bf16" else "fp32")
+    if precision == "fp32":
+        return ("fp32", "fp32")
+    return ("int8" if int8_available() else "fp32", "bf16" if bf16_native() else "fp32")
+
+
+def describe_precision(precision: Precision) -> str:
+    nearest, search = resolve_precision(precision)
+    return f"{nearest} nearest centroids, {search} search candidates"
 
 
 @dataclass
 class Vectors:
-    """L2-normalised float32 rows (the exact values) and, for bf16 products, a bf16 copy made once."""
+    """L2-normalised float32 rows (the exact values) and, for bf16 products, a bf16 copy made once.
+    ``int8``: nearest centroids through int8 products (quantised per block, nothing stored); without it and
+    with a bf16 copy, through bf16 products."""
 
     f32: np.ndarray
-    b16: Any = None  # torch.Tensor (N, d) bfloat16, or None for float32 products
+    b16: Any = None  # torch.Tensor (N, d) bfloat16, or None for float32 / int8 products
+    int8: bool = False
 
     @staticmethod
-    def of(x: np.ndarray, bf16: bool) -> Vectors:
+    def of(x: np.ndarray, bf16: bool = False, int8: bool = False) -> Vectors:
         if not bf16:
-            return Vectors(x)
+            return Vectors(x, None, int8)
         import torch
 
-        return Vectors(x, torch.from_numpy(x).to(torch.bfloat16))
+        return Vectors(x, torch.from_numpy(x).to(torch.bfloat16), int8)
+
+    @staticmethod
+    def for_precision(x: np.ndarray, precision: Precision) -> Vectors:
+        nearest, search = resolve_precision(precision)
+        return Vectors.of(x, bf16=search == "bf16", int8=nearest == "int8")
 
     def __len__(self) -> int:
         return len(self.f32)
 
     def take(self, rows: np.ndarray) -> Vectors:
         if self.b16 is None:
-            return Vectors(self.f32[rows])
+            return Vectors(self.f32[rows], None, self.int8)
         import torch
 
-        return Vectors(self.f32[rows], self.b16[torch.from_numpy(np.asarray(rows, np.int64))])
+        return Vectors(self.f32[rows], self.b16[torch.from_numpy(np.asarray(rows, np.int64))], self.int8)
 
 
 @contextlib.contextmanager
@@ -90,10 +141,7 @@ def single_threaded_kernels() -> Iterator[None]:
     """One BLAS and one PyTorch thread per worker thread (the pool gives the parallelism)."""
     from threadpoolctl import threadpool_limits
 
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    torch = sys.modules.get("torch")  # not imported: no PyTorch threads to limit (and no 4 s import for fp32)
     before = torch.get_num_threads() if torch is not None else None
     try:
         if torch is not None:
@@ -116,30 +164,83 @@ def run_parallel(work: Callable[[Any], Any], items: Iterable[Any], threads: int 
             return list(pool.map(work, items))
 
 
-def nearest(x: Vectors, centroids: np.ndarray, top: int, threads: int = 0) -> np.ndarray:
+def blocks(n: int, bounds: np.ndarray | None, size: int) -> list[tuple[int, int]]:
+    """Row blocks of at most ``size`` that restart at every bound (the start of each upstream shard), so a row's
+    block, and with it every product, is the same whether one task holds all shards or one shard."""
+    edges = [0, n] if bounds is None else sorted({0, n, *(int(b) for b in bounds if 0 < b < n)})
+    return [(s, min(e, s + size)) for a, e in itertools.pairwise(edges) for s in range(a, e, size)]
+
+
+def nearest(
+    x: Vectors, centroids: np.ndarray, top: int, threads: int = 0, bounds: np.ndarray | None = None
+) -> np.ndarray:
     """The ``top`` nearest centroids (inner product) of every row, nearest first, as (N, top) int64."""
     top = min(top, len(centroids))
     out = np.empty((len(x), top), np.int64)
-    if x.b16 is not None:
+    if x.int8:
+        ct, k = _int8_centroids(centroids)
+
+        def block(span: tuple[int, int]) -> None:
+            start, end = span
+            out[start:end] = _top_int8(x.f32[start:end], ct, k, top)
+    elif x.b16 is not None:
         import torch
 
         ct = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(torch.bfloat16).T.contiguous()
 
-        def block(start: int) -> None:
-            sims = x.b16[start : start + ASSIGN_ROWS] @ ct
-            out[start : start + ASSIGN_ROWS] = _top_bf16(sims, top, lambda: x.b16[start : start + ASSIGN_ROWS] @ ct)
+        def block(span: tuple[int, int]) -> None:
+            start, end = span
+            sims = x.b16[start:end] @ ct
+            out[start:end] = _top_bf16(sims, top, lambda: x.b16[start:end] @ ct)
     else:
         c = np.ascontiguousarray(centroids, np.float32).T
 
-        def block(start: int) -> None:
-            sims = np.asarray(x.f32[start : start + ASSIGN_ROWS], np.float32) @ c
-            rows = np.arange(len(sims))
-            for t in range(top):
-                best = sims.argmax(axis=1)
-                out[start : start + ASSIGN_ROWS, t] = best
-                sims[rows, best] = -np.inf
+        def block(span: tuple[int, int]) -> None:
+            start, end = span
+            out[start:end] = _top_float(np.asarray(x.f32[start:end], np.float32) @ c, top)
 
-    run_parallel(block, range(0, len(x), ASSIGN_ROWS), threads)
+    run_parallel(block, blocks(len(x), bounds, ASSIGN_ROWS), threads)
+    return out
+
+
+def _top_float(sims: np.ndarray, top: int) -> np.ndarray:
+    out = np.empty((len(sims), top), np.int64)
+    rows = np.arange(len(sims))
+    for t in range(top):
+        best = sims.argmax(axis=1)
+        out[:, t] = best
+        sims[rows, best] = -np.inf
+    return out
+
+
+def _int8_centroids(centroids: np.ndarray) -> tuple[Any, int]:
+    """Centroids as an int8 (d, K padded to a multiple of 8) matrix with one shared scale (8 bits)."""
+    import torch
+
+    k = len(centroids)
+    c = np.asarray(centroids, np.float32)
+    scale = 127.0 / max(float(np.abs(c).max()), 1e-12)
+    padded = np.zeros((-(-k // 8) * 8, c.shape[1]), np.int8)
+    padded[:k] = np.rint(c * scale).astype(np.int8)
+    return torch.from_numpy(padded).T.contiguous(), k
+
+
+def _top_int8(rows: np.ndarray, ct: Any, k: int, top: int) -> np.ndarray:
+    """Nearest centroids by int8 products: rows to 7 bits with their own scale (exact int32 sums on AVX2 too)."""
+    import torch
+
+    n = len(rows)
+    scale = 63.0 / np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-12)
+    q = np.zeros((max(n, 17), rows.shape[1]), np.int8)  # _int_mm needs more than 16 rows
+    q[:n] = np.rint(rows * scale).astype(np.int8)
+    sims = torch._int_mm(torch.from_numpy(q), ct).numpy()[:n]
+    sims[:, k:] = np.iinfo(np.int32).min  # padding columns are never nearest
+    out = np.empty((n, top), np.int64)
+    index = np.arange(n)
+    for t in range(top):
+        best = sims.argmax(axis=1)
+        out[:, t] = best
+        sims[index, best] = np.iinfo(np.int32).min
     return out
 
 
@@ -166,53 +267,169 @@ def _top_bf16(sims: Any, top: int, recompute: Callable[[], Any]) -> np.ndarray:
     return out
 
 
-def pairs_above(
-    x: Vectors, members: np.ndarray, threshold: float, block_rows: int = ROWS
+# -- the range search: each row's first earlier neighbours in keep order ----------------------------------------
+
+
+def similarity(f32: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """float32 dot products of row pairs: the similarity every path reports (one kernel, so the value of a pair
+    does not depend on which block or task found it)."""
+    if not len(i):
+        return np.zeros(0, np.float32)
+    return np.einsum("ij,ij->i", f32[i], f32[j]).astype(np.float32)
+
+
+def take_first(
+    a: np.ndarray,
+    b: np.ndarray,
+    need: np.ndarray,
+    exact: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    threshold: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs (i < j) of ``members`` (rows of ``x``) with x_i . x_j > threshold in float32, as global row
-    indices, and their similarity.
+    """From candidate pairs (a earlier than b, positions in keep order), for each b the first ``need[b]`` a's (in
+    order) whose exact similarity is above ``threshold``; ``need`` is decreased by what is taken."""
+    out_a, out_b, out_s = [], [], []
+    order = np.lexsort((a, b))
+    a, b = a[order], b[order]
+    while len(a):
+        open_ = need[b] > 0
+        a, b = a[open_], b[open_]
+        if not len(a):
+            break
+        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+        rank_in_b = np.arange(len(b)) - np.repeat(starts, np.diff(np.r_[starts, len(b)]))
+        take = rank_in_b < need[b]
+        ta, tb = a[take], b[take]
+        s = exact(ta, tb)
+        hit = s > threshold
+        out_a.append(ta[hit])
+        out_b.append(tb[hit])
+        out_s.append(s[hit])
+        np.subtract.at(need, tb[hit], 1)
+        a, b = a[~take], b[~take]
+    if not out_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_s).astype(np.float32)
+
+
+def _bound(x: Vectors, threshold: float) -> float:
+    return threshold - (BF16_MARGIN if x.b16 is not None else FP32_MARGIN)
+
+
+def _product(rows: Vectors, cols: Vectors) -> Any:
+    """(rows x cols) similarities in the search precision: a torch bf16 tensor or a numpy float32 array."""
+    if rows.b16 is not None:
+        return rows.b16 @ cols.b16.T
+    return rows.f32 @ cols.f32.T
+
+
+def _above(sims: Any, bound: float) -> Any:
+    if isinstance(sims, np.ndarray):
+        return sims > bound
+    return (sims > bound).numpy()
+
+
+def scan(
+    rows: Vectors,
+    row_pos: np.ndarray,
+    cols: Vectors,
+    col_pos: np.ndarray,
+    need: np.ndarray,
+    threshold: float,
+    block_rows: int = ROWS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (row, column) with the row earlier in keep order (``row_pos`` < ``col_pos``, ascending positions),
+    for each column its first ``need`` rows with similarity above ``threshold``, in tiles of at most TILE
+    similarities over the columns still open. Returns local row and column indices and similarities;
+    ``need`` (per column) is decreased by what was found.
+
+    The result is a function of the vectors and the order only: searching a cluster as one block, or as column
+    blocks against row blocks taken in order (a cluster over the memory cap), gives the same pairs."""
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    bound = _bound(rows, threshold)
+
+    def exact(ia: np.ndarray, jb: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", rows.f32[ia], cols.f32[jb]).astype(np.float32)
+
+    for r0 in range(0, len(rows), block_rows):
+        r1 = min(len(rows), r0 + block_rows)
+        open_cols = np.flatnonzero((need > 0) & (col_pos > row_pos[r0]))
+        if not len(open_cols):
+            continue
+        width = max(1, TILE // (r1 - r0))
+        for c0 in range(0, len(open_cols), width):
+            cb = open_cols[c0 : c0 + width]
+            cb = cb[need[cb] > 0]
+            if not len(cb):
+                continue
+            mask = _above(_product(_slice(rows, r0, r1), cols.take(cb)), bound)
+            mask &= row_pos[r0:r1, None] < col_pos[cb][None, :]
+            found += _tile_pairs(mask, r0, cb, need, exact, threshold)
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate(p) for p in zip(*found, strict=True))  # type: ignore[return-value]
+
+
+def _tile_pairs(
+    mask: np.ndarray, r0: int, cb: np.ndarray, need: np.ndarray, exact: Callable, threshold: float
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Candidates of one tile (``mask``: rows r0.. x columns ``cb``) through ``take_first``. A dense tile (a
+    cluster of near-identical images) first keeps each column's first need + 8 candidates (a running count
+    down the rows), so the candidate lists stay near quota x columns; columns that still need more after the
+    float32 recheck get the rest of their candidates, which all lie further down."""
+    found = []
+    count = int(mask.sum())
+    if not count:
+        return found
+    if count <= 8 * len(cb) + 65_536:
+        ii, jj = np.nonzero(mask)
+        found.append(take_first(ii + r0, cb[jj], need, exact, threshold))
+        return found
+    running = np.cumsum(mask, axis=0, dtype=np.int32)
+    limit = (need[cb] + 8).astype(np.int32)
+    ii, jj = np.nonzero(mask & (running <= limit[None, :]))
+    found.append(take_first(ii + r0, cb[jj], need, exact, threshold))
+    more = np.flatnonzero((need[cb] > 0) & (running[-1] > limit))
+    if len(more):
+        ii, jj = np.nonzero(mask[:, more] & (running[:, more] > limit[more][None, :]))
+        found.append(take_first(ii + r0, cb[more][jj], need, exact, threshold))
+    return found
+
+
+def _slice(x: Vectors, start: int, end: int) -> Vectors:
+    return Vectors(x.f32[start:end], None if x.b16 is None else x.b16[start:end], x.int8)
+
+
+def earlier_pairs(
+    x: Vectors, members: np.ndarray, threshold: float, quota: int = 0, block_rows: int = ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inside one cluster (``members``: rows of ``x`` in keep order): for each member, its first ``quota``
+    earlier members (0: all) with float32 similarity above ``threshold``. Returns (earlier row, later row,
+    similarity) as rows of ``x``.
 
     The dense product block is what FAISS's IndexFlatIP.range_search computes; done here it avoids an index
-    per cluster. bf16 blocks only pick candidates; each candidate's similarity is recomputed in float32.
-    """
-    found_i, found_j, found_s = [], [], []
-    if x.b16 is not None:
-        import torch
-
-        sub = x.b16.index_select(0, torch.from_numpy(members))
-    else:
-        sub = x.f32[members]
-    for start in range(0, len(members), block_rows):
-        sims = sub[start : start + block_rows] @ sub[start:].T  # only the upper triangle (columns >= row)
-        if x.b16 is not None:
-            _, ii, jj = _candidates(sims[None], threshold - BF16_MARGIN)
-        else:
-            ii, jj = np.nonzero(sims > threshold)
-        keep = jj > ii  # drop self matches and the lower half of the diagonal block
-        ii, jj = ii[keep], jj[keep]
-        if x.b16 is not None:
-            i, j = members[ii + start], members[jj + start]
-            s = np.einsum("ij,ij->i", x.f32[i], x.f32[j])
-            exact = s > threshold
-            i, j, s = i[exact], j[exact], s[exact]
-        else:
-            i, j, s = members[ii + start], members[jj + start], sims[ii, jj]
-        found_i.append(i)
-        found_j.append(j)
-        found_s.append(s.astype(np.float32))
-    if not found_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+    per cluster, and the quota keeps a cluster of near-identical images (LAION's placeholders) from producing
+    n^2 pairs: once a column has its quota it leaves the product."""
+    members = np.asarray(members, np.int64)
+    n = len(members)
+    sub = x.take(members)
+    need = np.full(n, quota if quota > 0 else n, np.int64)
+    pos = np.arange(n)
+    ia, jb, s = scan(sub, pos, sub, pos, need, threshold, block_rows)
+    return members[ia], members[jb], s
 
 
 def pairs_in_clusters(
-    x: Vectors, clusters: list[np.ndarray], threshold: float, block_rows: int = ROWS, threads: int = 0
+    x: Vectors,
+    clusters: list[np.ndarray],
+    threshold: float,
+    block_rows: int = ROWS,
+    threads: int = 0,
+    quota: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``pairs_above`` for every cluster (members ascending). With bf16, clusters of similar size are
-    padded into one batched product (torch.bmm), so a few thousand small clusters cost a few hundred
-    kernel calls instead of a few per cluster (measured: per-cluster calls were no faster than float32)."""
-    if x.b16 is None:
-        return run_parallel(lambda members: pairs_above(x, members, threshold, block_rows), clusters, threads)
+    """``earlier_pairs`` for every cluster (members in keep order). Small clusters of similar size are padded
+    into one batched product (torch.bmm with bf16, one stacked float32 matmul otherwise), so a few thousand
+    small clusters cost a few hundred kernel calls instead of a few per cluster (measured: per-cluster calls
+    were no faster than float32)."""
     big = [m for m in clusters if len(m) > block_rows]
     small = sorted((m for m in clusters if len(m) <= block_rows), key=len)
     batches, start = [], 0
@@ -226,29 +443,44 @@ def pairs_in_clusters(
 
     def search(batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(batch) == 1 and len(batch[0]) > block_rows:
-            return pairs_above(x, batch[0], threshold, block_rows)
-        return _batched_pairs(x, batch, threshold)
+            return earlier_pairs(x, batch[0], threshold, quota, block_rows)
+        return _batched_pairs(x, batch, threshold, quota)
 
     return run_parallel(search, [[m] for m in big] + batches, threads)
 
 
-def _batched_pairs(x: Vectors, batch: list[np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    import torch
-
+def _batched_pairs(
+    x: Vectors, batch: list[np.ndarray], threshold: float, quota: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = max(len(m) for m in batch)
     index = np.zeros((len(batch), width), np.int64)
     valid = np.zeros((len(batch), width), bool)
     for row, members in enumerate(batch):
         index[row, : len(members)] = members
         valid[row, : len(members)] = True
-    rows = x.b16.index_select(0, torch.from_numpy(index.reshape(-1))).view(len(batch), width, -1)
-    rows.masked_fill_(~torch.from_numpy(valid)[:, :, None], 0)  # padding rows: similarity 0 to everything
-    b, ii, jj = _candidates(torch.bmm(rows, rows.transpose(1, 2)), threshold - BF16_MARGIN)
-    keep = jj > ii
-    i, j = index[b[keep], ii[keep]], index[b[keep], jj[keep]]
-    s = np.einsum("ij,ij->i", x.f32[i], x.f32[j])
-    exact = s > threshold
-    return i[exact], j[exact], s[exact].astype(np.float32)
+    bound = _bound(x, threshold)
+    if x.b16 is not None:
+        import torch
+
+        rows = x.b16.index_select(0, torch.from_numpy(index.reshape(-1))).view(len(batch), width, -1)
+        rows.masked_fill_(~torch.from_numpy(valid)[:, :, None], 0)  # padding rows: similarity 0 to everything
+        b, ii, jj = _candidates(torch.bmm(rows, rows.transpose(1, 2)), bound)
+    else:
+        rows = x.f32[index.reshape(-1)].reshape(len(batch), width, -1)
+        rows[~valid] = 0
+        sims = np.matmul(rows, rows.transpose(0, 2, 1))
+        b, ii, jj = np.nonzero(np.triu(sims > bound, 1))
+    keep = jj > ii  # positions in keep order: ii earlier
+    b, ii, jj = b[keep], ii[keep], jj[keep]
+    flat_a, flat_b = b * width + ii, b * width + jj
+    need = np.where(valid.reshape(-1), quota if quota > 0 else width, 0).astype(np.int64)
+    flat = index.reshape(-1)
+
+    def exact(ia: np.ndarray, jb: np.ndarray) -> np.ndarray:
+        return similarity(x.f32, flat[ia], flat[jb])
+
+    ia, jb, s = take_first(flat_a, flat_b, need, exact, threshold)
+    return flat[ia], flat[jb], s
 
 
 def _candidates(sims: Any, bound: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,53 +14,61 @@ from curate.dedup.cluster import Pairs, greedy, range_search_members
 DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
+def analysed_clusters(
+    nearest_sizes: np.ndarray, member_sizes: np.ndarray, sample_clusters: int, max_rows: int, seed: int = 0
+) -> np.ndarray:
+    """The clusters of the threshold analysis: a random sample of those that are some row's nearest and have at
+    most ``max_rows`` members (searched whole by one task)."""
+    clusters = np.flatnonzero((nearest_sizes > 0) & (member_sizes <= max_rows))
+    if not len(clusters):
+        return clusters
+    rng = np.random.default_rng(seed)
+    return rng.choice(clusters, min(sample_clusters, len(clusters)), replace=False)
+
+
 def threshold_analysis(
     x: np.ndarray,
     cluster: np.ndarray,
     rank: np.ndarray,
+    chosen: np.ndarray,
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
-    sample_clusters: int = 100,
-    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """How much SD3's greedy rule would remove at each threshold, over a random sample of clusters.
+    """How much SD3's greedy rule would remove at each threshold, over the rows of the ``chosen`` clusters
+    (``x``, ``cluster``, ``rank``: those rows' vectors, nearest cluster and keep rank, in row order).
 
-    Pairs are searched once at the lowest threshold inside each sampled cluster, then filtered.
-    """
-    clusters = np.unique(cluster[cluster >= 0])
-    if len(clusters) == 0:
+    Pairs are searched once at the lowest threshold inside each chosen cluster, then filtered."""
+    if not len(chosen):
         return [{"threshold": t, "items": 0, "removed": 0, "fraction_removed": 0.0} for t in thresholds]
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(clusters, min(sample_clusters, len(clusters)), replace=False)
-    members = np.flatnonzero(np.isin(cluster, chosen))
-    local = np.asarray(x[members], np.float32)  # only the sampled clusters' rows in float32
-    pairs = Pairs.empty()
+    local = np.asarray(x, np.float32)
     found = []
     for c in chosen:
-        inside = np.flatnonzero(cluster[members] == c)
+        inside = np.flatnonzero(cluster == c)
         if len(inside) > 1:
             found.append(range_search_members(local, inside, min(thresholds)))
+    pairs = Pairs.empty()
     if found:
         pairs = Pairs(*(np.concatenate([getattr(p, f) for p in found]) for f in ("i", "j", "sim")))
     rows = []
     for t in thresholds:
         mask = pairs.sim > t
-        keep, _, _ = greedy(len(members), Pairs(pairs.i[mask], pairs.j[mask], pairs.sim[mask]), rank[members])
+        keep, _, _ = greedy(len(local), Pairs(pairs.i[mask], pairs.j[mask], pairs.sim[mask]), rank)
         removed = int((~keep).sum())
         rows.append(
             {
                 "threshold": float(t),
                 "clusters": len(chosen),
-                "items": len(members),
+                "items": len(local),
                 "removed": removed,
-                "fraction_removed": removed / max(1, len(members)),
+                "fraction_removed": removed / max(1, len(local)),
             }
         )
     return rows
 
 
-def cluster_size_stats(cluster: np.ndarray, k: int) -> dict[str, Any]:
-    sizes = np.bincount(cluster[cluster >= 0], minlength=k) if k else np.zeros(0, np.int64)
-    if not len(sizes):
+def cluster_size_stats(sizes: np.ndarray) -> dict[str, Any]:
+    """Percentiles of the clusters' sizes (rows whose nearest centroid it is)."""
+    k = len(sizes)
+    if not k:
         return {"clusters": 0}
     percentiles = {f"p{p}": float(np.percentile(sizes, p)) for p in (0, 10, 50, 90, 99, 100)}
     return {"clusters": int(k), "empty": int((sizes == 0).sum()), "mean": float(sizes.mean()), **percentiles}
@@ -100,7 +108,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['exact_duplicates']:,} exact, {report['near_duplicates']:,} near "
         f"at cosine > {report['threshold']:g})",
         f"- clusters: {report['clusters']['clusters']:,}; sizes {json.dumps(report['clusters'])}",
-        f"- keep order: {report['order']}; assignment top-{report['assign_top']}",
+        f"- keep order: {report['order']}; assignment top-{report['assign_top']}; "
+        f"at most {report.get('max_neighbors', 0) or 'all'} earlier neighbours per row "
+        f"({report.get('bounded', 0):,} kept rows had more: their decision could differ from the unbounded rule)",
+        f"- global step: {report.get('path', 'single-process')}",
         f"- seconds: {json.dumps(report['seconds'])}",
         "",
         "## Threshold analysis (sampled clusters)",

@@ -1,17 +1,18 @@
 """`dedup` stage: SD3's copy-detection dedup over the `sscd` stage's embeddings (docs/dedup.md).
 
 Global by nature, so it runs in two steps:
-1. a global step (``prepare``, one Ray task with the stage's resources, a GPU for FAISS when given) reads
-   every upstream shard's key/sscd/status/size/sha256, removes exact copies (same sha256), clusters and
-   range-searches the rest (curate.dedup.cluster), writes one decision file per upstream shard under
-   ``_global/`` and the report under ``_report/``;
+1. a global step (curate.steps) decides every row: up to `single_process_rows` embedded rows one Ray task does
+   it in memory (curate.dedup.single), beyond that a chain of Ray task phases with bounded memory
+   (curate.dedup.distributed): exact copies by hash partition, k-means on a sample, Lloyd passes and the
+   assignment as map tasks, range search per group of clusters, SD3's greedy rule per connected component of
+   the pair graph. Both write one decision file per upstream shard under ``_global/`` and the report under
+   ``_report/``, and make the same decisions;
 2. one shard task per upstream shard copies its decision file into the stage's shard, so resume,
    markers and statistics work as for every other stage. Later stages read rows with ``keep``.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import numpy as np
@@ -20,12 +21,15 @@ from pydantic import Field, PositiveInt
 
 from curate import storage
 from curate.config import StageConfig
-from curate.dedup.cluster import DedupParams, default_clusters, exact_groups
-from curate.dedup.cluster import dedup as cluster_dedup
-from curate.dedup.report import DEFAULT_THRESHOLDS, cluster_size_stats, threshold_analysis, write_report
+from curate.dedup import distributed, single
+from curate.dedup.cluster import DedupParams
+from curate.dedup.layout import GiB, Settings, Where
+from curate.dedup.order import dense_rank, order_codes, row_ids
+from curate.dedup.report import DEFAULT_THRESHOLDS
 from curate.runfolder import ShardTask, StageDir, shard_name
-from curate.schema import DEDUP_SCHEMA, embedding_matrix
+from curate.schema import DEDUP_SCHEMA
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
+from curate.steps import GlobalPhase, GlobalSteps, GlobalTask
 
 
 class DedupConfig(StageConfig):
@@ -33,18 +37,28 @@ class DedupConfig(StageConfig):
 
     threshold: float = Field(0.75, gt=-1.0, lt=1.0)  # cosine similarity; > threshold is a copy (SSCD: 0.75)
     clusters: PositiveInt | None = None  # K; default 3*sqrt(N), at most 16,000 (SD3's K)
-    assign_top: int = Field(2, ge=1, le=8)  # clusters each vector joins; 2 catches pairs split by a boundary
+    # clusters each vector joins (a pair split by a boundary still meets), and independent clusterings whose pairs
+    # are united; None: by N (2 and 1 up to 150k rows, 3 and 2 up to 2M, 3 and 3 beyond; docs/dedup.md)
+    assign_top: int | None = Field(None, ge=1, le=8)
     points_per_centroid: PositiveInt = 32  # k-means training sample = min(N, this * K)
     niter: PositiveInt = 5  # k-means iterations on the sample (the refine iterations follow)
     refine_iters: int = Field(2, ge=0)  # Lloyd iterations over all vectors afterwards (each one assignment pass)
-    rounds: PositiveInt = 1  # independent clusterings whose pairs are united (docs/dedup.md: 2 for >= 1M rows)
+    rounds: PositiveInt | None = None
+    max_neighbors: int = Field(32, ge=0)  # earlier neighbours kept per row (first in keep order); 0: all
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
     gpu: Literal["auto"] | bool = "auto"  # FAISS GPU k-means / assignment when importable and a GPU is visible
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # CPU products; auto: bf16 on AMX/AVX512-BF16 CPUs
+    precision: Literal["auto", "bf16", "int8", "fp32"] = "auto"  # CPU products; auto: bf16, else int8 (docs)
     seed: int = 1234
     analysis_clusters: PositiveInt = 100  # clusters sampled for the threshold analysis
     analysis_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    # the global step: in memory up to this many embedded rows, else distributed (same decisions)
+    single_process_rows: int = Field(200_000, ge=0)
+    # distributed sizes; None: derived from `resources.memory` (default 4 GiB per task)
+    map_rows: PositiveInt | None = None  # rows per map task (upstream shards are grouped up to it)
+    search_rows: PositiveInt | None = None  # rows per search task; a larger cluster is searched in blocks
+    graph_rows: PositiveInt | None = None  # embedded rows per partition of the pair graph
+    central_cpus: float | None = Field(None, gt=0)  # CPUs of the single tasks (k-means, report); None: resources'
 
     def params(self) -> DedupParams:
         return DedupParams(
@@ -58,6 +72,22 @@ class DedupConfig(StageConfig):
             seed=self.seed,
             gpu=None if self.gpu == "auto" else self.gpu,
             precision=self.precision,
+            max_neighbors=self.max_neighbors,
+        )
+
+    def settings(self) -> Settings:
+        return Settings(
+            params=self.params(),
+            order=self.order,
+            exact=self.exact,
+            analysis_clusters=self.analysis_clusters,
+            analysis_thresholds=self.analysis_thresholds,
+            single_process_rows=self.single_process_rows,
+            task_memory=self.resources.memory or 4 * GiB,
+            map_rows=self.map_rows,
+            search_rows=self.search_rows,
+            graph_rows=self.graph_rows,
+            central_cpus=self.central_cpus,
         )
 
 
@@ -67,126 +97,31 @@ def keep_rank(order: str, keys: list[str], width: np.ndarray, height: np.ndarray
     ``largest_first``: most pixels first (the best copy of a group survives), ties by key;
     ``input_order``: upstream shard order, then row order (the first seen survives, as in SD3's loop).
     """
-    n = len(keys)
-    if order == "input_order":
-        return np.arange(n)
-    pixels = np.nan_to_num(width.astype(np.float64)) * np.nan_to_num(height.astype(np.float64))
-    by = np.lexsort((np.array(keys, dtype=object).astype(str), -pixels))
-    rank = np.empty(n, np.int64)
-    rank[by] = np.arange(n)
-    return rank
-
-
-def _read_upstream(upstream: StageDir) -> tuple[pa.Table, np.ndarray, list[int]]:
-    tables, vectors, shards = [], [], []
-    for index in sorted(upstream.done_shards()):
-        table = storage.read_parquet(
-            upstream.shard(index), columns=["key", "sscd", "status", "width", "height", "sha256"]
-        )
-        vectors.append(embedding_matrix(table["sscd"]))
-        tables.append(table.drop_columns(["sscd"]))
-        shards.append(index)
-    if not tables:
-        return pa.table({}), np.zeros((0, 512), np.float16), []
-    return pa.concat_tables(tables), np.concatenate(vectors), shards
+    ids = row_ids(0, len(keys))
+    return dense_rank(order_codes(order, keys, width, height, ids), ids)  # type: ignore[arg-type]
 
 
 def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    """keep / dup_of / similarity / cluster / reason for every row, and the report."""
-    started = time.perf_counter()
-    n = table.num_rows
-    keys = table["key"].to_pylist()
-    status = table["status"].to_pylist()
-    width = table["width"].to_numpy(zero_copy_only=False).astype(np.float64)
-    height = table["height"].to_numpy(zero_copy_only=False).astype(np.float64)
-    rank = keep_rank(config.order, keys, width, height)
-    ok = np.array([s == "ok" for s in status], bool)
-    sha = [h if ok[i] and config.exact else None for i, h in enumerate(table["sha256"].to_pylist())]
-    exact_of = exact_groups(sha, rank)
-    reps = np.flatnonzero(ok & (exact_of < 0))
-    x = vectors[reps]  # float16 rows; dedup makes the one float32 (and bf16) working copy
-    result = cluster_dedup(x, rank[reps], config.params())
-
-    keep = np.zeros(n, bool)
-    dup_of = np.full(n, -1, np.int64)
-    similarity = np.full(n, np.nan, np.float32)
-    cluster = np.full(n, -1, np.int64)
-    reason = np.array(["not_ok"] * n, dtype=object)
-    keep[reps] = result.keep
-    cluster[reps] = result.cluster
-    near = reps[~result.keep]
-    dup_of[near] = reps[result.dup_of[~result.keep]]
-    similarity[near] = result.similarity[~result.keep]
-    reason[reps] = np.where(result.keep, "kept", "near_duplicate")
-    exact = np.flatnonzero(exact_of >= 0)
-    dup_of[exact] = exact_of[exact]  # the first identical file in keep order
-    similarity[exact] = 1.0
-    cluster[exact] = cluster[exact_of[exact]]
-    reason[exact] = "exact_duplicate"
-
-    k = len(result.clustering.centroids)
-    analysis = threshold_analysis(x, result.cluster, rank[reps], config.analysis_thresholds, config.analysis_clusters)
-    sizes = np.bincount(result.cluster, minlength=k) if len(reps) else np.zeros(0, np.int64)
-    removed = int((ok & ~keep).sum())
-    report = {
-        "rows": n,
-        "ok": int(ok.sum()),
-        "removed": removed,
-        "fraction_removed": removed / max(1, int(ok.sum())),
-        "exact_duplicates": len(exact),
-        "near_duplicates": len(near),
-        "pairs_found": len(result.pairs),
-        "threshold": config.threshold,
-        "metric": "cosine similarity of L2-normalised SSCD embeddings (inner product), strictly greater",
-        "order": config.order,
-        "assign_top": config.assign_top,
-        "rounds": config.rounds,
-        "k": k,
-        "k_default": default_clusters(len(reps)),
-        "clusters": cluster_size_stats(result.cluster, k),
-        "threshold_analysis": analysis,
-        "seconds": {**{k_: round(v, 3) for k_, v in result.seconds.items()}},
-    }
-    report["seconds"]["total"] = round(time.perf_counter() - started, 3)
-    dup_keys = [keys[d] if d >= 0 else None for d in dup_of.tolist()]
-    columns = {
-        "key": keys,
-        "cluster": cluster,
-        "keep": keep,
-        "dup_of": dup_keys,
-        "similarity": similarity,
-        "reason": reason.tolist(),
-        "status": status,
-        "_sizes": sizes,
-    }
+    """keep / dup_of / similarity / cluster / reason for every row of one upstream shard, and the report (the
+    single-process path on a table in memory)."""
+    columns, report, _ = single.decide(config.settings(), table, vectors, [(0, table.num_rows)])
     return columns, report
 
 
-def prepare(config: DedupConfig, upstream: StageDir | None, stage: StageDir, context: WorkContext) -> dict[str, Any]:
+def global_step(config: DedupConfig, upstream: StageDir | None, stage: StageDir, context: WorkContext) -> GlobalSteps:
     assert upstream is not None
-    table, vectors, shards = _read_upstream(upstream)
-    columns, report = decide(config, table, vectors)
-    sizes = columns.pop("_sizes")
-    full = pa.table(
-        {
-            "key": pa.array(columns["key"], pa.string()),
-            "cluster": pa.array(columns["cluster"], pa.int32()),
-            "keep": pa.array(columns["keep"], pa.bool_()),
-            "dup_of": pa.array(columns["dup_of"], pa.string()),
-            "similarity": pa.array(columns["similarity"], pa.float32(), from_pandas=True),
-            "reason": pa.array(columns["reason"], pa.string()),
-            "status": pa.array(columns["status"], pa.string()),
-        },
-        schema=DEDUP_SCHEMA,
-    )
-    offset = 0
-    rows = {s.shard: s.rows for s in upstream.shard_stats()}
-    for index in shards:
-        part = full.slice(offset, rows[index])
-        offset += rows[index]
-        storage.write_parquet_atomic(storage.join(stage.global_uri, shard_name(index) + ".parquet"), part)
-    write_report(storage.join(stage.uri, "_report"), report, sizes)
-    return {"removed": report["removed"], "fraction_removed": report["fraction_removed"], "k": report["k"]}
+    stats = upstream.shard_stats()
+    shards = [(s.shard, s.rows) for s in stats]
+    embedded = sum(s.status.get("ok", 0) for s in stats)
+    settings = config.settings()
+    where = Where(upstream.uri, stage.global_uri, storage.join(stage.uri, "_report"))
+    if embedded <= settings.single_process_rows:
+        results = yield GlobalPhase("single", (GlobalTask("single", single.run, (where, settings, shards)),))
+        return results["single"]
+    d = 512
+    if shards:
+        d = int(storage.parquet_file(upstream.shard(shards[0][0])).schema_arrow.field("sscd").type.shape[0])
+    return (yield from distributed.plan(settings, where, shards, d))
 
 
 def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: Any) -> ShardOutput:
@@ -216,8 +151,9 @@ def kept_keys(dedup_stage_uri: str, index: int) -> set[str]:
 
 def describe(config: DedupConfig) -> str:
     k = config.clusters or "3*sqrt(N)"
-    rounds = f", {config.rounds} rounds" if config.rounds > 1 else ""
-    return f"cosine > {config.threshold:g}, K={k}, top-{config.assign_top} assignment{rounds}, {config.order}"
+    top = f"top-{config.assign_top}" if config.assign_top else "top-2/3 (by N)"
+    rounds = f", {config.rounds} rounds" if config.rounds else ", 1-3 rounds (by N)"
+    return f"cosine > {config.threshold:g}, K={k}, {top} assignment{rounds}, {config.order}"
 
 
 SPEC = StageSpec(
@@ -227,6 +163,6 @@ SPEC = StageSpec(
     schema=DEDUP_SCHEMA,
     plan=one_task_per_upstream_shard,
     process=process,
-    prepare=prepare,
+    global_step=global_step,
     describe_inputs=describe,
 )

@@ -6,7 +6,7 @@ rule that failed, in `curate.filter.rules.RULES` order) and the values the rules
 from a joined `score` stage (`score_from`), never computed here, so new thresholds cost a re-run of this
 stage only (`curate run PIPELINE --redo NAME`). Later stages read rows with `keep` (`keep_from`).
 
-With `clip_score_top_fraction` a global step computes the cutoff over every shard first (`prepare`); the
+With `clip_score_top_fraction` a global step computes the cutoff over every shard first (`global_step`); the
 closing step (`finish`) writes the report: counts per rule, histograms with the thresholds, how many rows
 would remain at other thresholds, and thumbnails of images near them.
 """
@@ -31,9 +31,10 @@ from curate.filter.rules import (
     score_columns_needed,
 )
 from curate.keep import check_keep_from, read_keep
-from curate.runfolder import ShardTask, StageDir
+from curate.runfolder import ShardTask, StageDir, shard_name
 from curate.schema import FILTER_SCHEMA
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
+from curate.steps import GlobalPhase, GlobalSteps, GlobalTask
 
 SCORE_FIELDS = ("clip_score_min", "clip_score_top_fraction", "aesthetic_min", "nsfw_max", "watermark_max")
 CHEAP_FIELDS = ("min_side", "max_aspect_ratio", "min_caption_words", "max_caption_words", "min_caption_chars")
@@ -178,24 +179,49 @@ def decide(config: FilterConfig, context: WorkContext, index: int, image_uri: st
 # the stage
 
 
-def prepare(config: FilterConfig, upstream: StageDir | None, stage: StageDir, context: WorkContext) -> dict[str, Any]:
-    """The top-fraction cutoff over every shard's candidates (rows every other rule kept); the runner calls it
-    only with `clip_score_top_fraction` set (`prepare_when`)."""
-    from curate.filter.top_fraction import Candidates, cutoff
+def _candidates(config: FilterConfig, context: WorkContext, index: int, image_uri: str, root: str) -> dict[str, Any]:
+    """One shard's top-fraction candidates (rows every other rule kept) with their CLIP scores, to a file."""
+    from curate.filter.top_fraction import write_candidates
+
+    rows, decision = decide(config, context, index, image_uri)
+    kept = np.flatnonzero(decision.kept)
+    assert rows.scores is not None
+    return write_candidates(root, index, rows.scores["clip_score"][kept], [rows.key[i] for i in kept.tolist()])
+
+
+def global_step(config: FilterConfig, upstream: StageDir | None, stage: StageDir, context: WorkContext) -> GlobalSteps:
+    """The top-fraction cutoff over every shard's candidates, with bounded memory (curate.filter.top_fraction):
+    a candidates pass, two histogram selections, the keys tied at the cutoff score. The runner runs it only with
+    `clip_score_top_fraction` set (`global_when`)."""
+    from curate.filter import top_fraction as top
 
     assert upstream is not None and config.clip_score_top_fraction is not None
-    candidates = Candidates.empty()
-    for index in sorted(upstream.done_shards()):
-        rows, decision = decide(config, context, index, upstream.shard(index))
-        kept = np.flatnonzero(decision.kept)
-        assert rows.scores is not None
-        candidates.add(index, kept, rows.scores["clip_score"][kept])
+    fraction = config.clip_score_top_fraction
+    root = storage.join(stage.global_uri, "top")
+    out = storage.join(stage.global_uri, TOP_FRACTION_FILE)
+    shards = sorted(upstream.done_shards())
 
-    def keys_of_shard(index: int) -> list[str]:
-        return storage.read_parquet(upstream.shard(index), columns=["key"])["key"].to_pylist()
+    def each_shard(function: Any, *args: Any) -> tuple[GlobalTask, ...]:
+        return tuple(GlobalTask(shard_name(i), function, (*args[:1], i, *args[1:])) for i in shards)
 
-    _, summary = cutoff(candidates, config.clip_score_top_fraction, keys_of_shard)
-    storage.write_json(storage.join(stage.global_uri, TOP_FRACTION_FILE), summary)
+    found = yield GlobalPhase("candidates", tuple(
+        GlobalTask(shard_name(i), _candidates, (config, context, i, upstream.shard(i), root)) for i in shards
+    ))  # fmt: skip
+    candidates = sum(r["candidates"] for r in found.values())
+    if not candidates:
+        summary = {"candidates": 0, "kept": 0, "fraction": fraction, "cutoff_score": None, "cutoff_key": None}
+        storage.write_json(out, summary)
+        return {"top_fraction": summary}
+    k = top.keep_count(fraction, candidates)
+    high = (yield GlobalPhase("select-high", (GlobalTask("select", top.select, (root, 0, shards, k)),)))["select"]
+    yield GlobalPhase("histogram-low", each_shard(top.low_histogram, root, high["digit"]))
+    low = yield GlobalPhase("select-low", (GlobalTask("select", top.select, (root, 1, shards, k - high["before"])),))
+    code = (high["digit"] << top.DIGIT) | low["select"]["digit"]
+    before = high["before"] + low["select"]["before"]
+    yield GlobalPhase("ties", each_shard(top.tied_keys, root, code))
+    summary = (yield GlobalPhase("cutoff", (
+        GlobalTask("cutoff", top.resolve, (root, shards, code, k, before, fraction, candidates, out)),
+    )))["cutoff"]  # fmt: skip
     return {"top_fraction": summary}
 
 
@@ -280,8 +306,8 @@ SPEC = StageSpec(
     schema=FILTER_SCHEMA,
     plan=one_task_per_upstream_shard,
     process=process,
-    prepare=prepare,
-    prepare_when=lambda config: config.clip_score_top_fraction is not None,
+    global_step=global_step,
+    global_when=lambda config: config.clip_score_top_fraction is not None,
     finish=finish,
     describe_inputs=describe,
 )

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from curate.config import ModelSpec, StageConfig
 from curate.runfolder import ShardTask, StageDir
+from curate.steps import GlobalSteps
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,16 @@ class StageSpec:
     # (config, task) -> rows the shard will have, where that is not one per input (sources) or one per upstream
     # row (transforms): row ranges of URL lists, samples of validate. Progress only.
     task_rows: Callable[[Any, ShardTask], int] | None = None
-    # (config, upstream stage folder or None, this stage's folder, context) -> None: a global step (one that
-    # needs all of the upstream output at once, such as dedup's clustering). The runner runs it once, as a
-    # Ray task with the stage's resources, before the shard tasks; it must write its results under
-    # `StageDir.global_uri`; the runner then writes `global_marker_uri`, so a resume skips it.
-    prepare: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
+    # (config, upstream stage folder or None, this stage's folder, context) -> a generator of phases of Ray tasks
+    # (curate.steps): a global step, one that needs all of the upstream output at once (dedup's clustering, a
+    # filter's top fraction). The runner drives it on the driver before the shard tasks: it runs each phase's
+    # tasks as Ray tasks with the stage's resources (at most `concurrency` at once), each writing its marker
+    # under `StageDir.global_uri`, sends the results back into the generator, and once it returns writes
+    # `global_marker_uri` with the summary it returned, so a resume skips the step, and a resume inside it
+    # skips every task with a marker. Results of the step go under `StageDir.global_uri`.
+    global_step: Callable[[Any, StageDir | None, StageDir, WorkContext], GlobalSteps] | None = None
     # (config) -> whether this config needs the global step (filter needs it only for a top fraction)
-    prepare_when: Callable[[Any], bool] = lambda config: True
+    global_when: Callable[[Any], bool] = lambda config: True
     # (config, upstream stage folder or None, this stage's folder, context) -> summary: a closing step over the
     # stage's whole output (filter's report). The runner runs it as a Ray task with the stage's resources once
     # every shard has its marker and before `_SUCCESS.json`, which keeps its summary under "finish"; a stage
