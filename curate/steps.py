@@ -125,12 +125,23 @@ def run_task(global_uri: str, phase: str, task: GlobalTask) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 4),
         "peak_rss_bytes": peak_rss(),
         "peak_rss_of": "task" if reset else "worker process",
-        "node": socket.gethostname(),
+        "node": _node_id(),
+        "host": socket.gethostname(),
         "pid": os.getpid(),
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     storage.write_json(marker_uri(global_uri, phase, task.name), record)
     return record
+
+
+def _node_id() -> str:
+    """The Ray node this task ran on (hosts of a one-machine test cluster share one hostname)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    except Exception:  # a record field, never a reason to fail the task
+        return socket.gethostname()
 
 
 def task_records(global_uri: str) -> dict[str, list[dict[str, Any]]]:

@@ -205,11 +205,11 @@ def test_multi_node_resume_after_the_driver_is_killed_in_each_sub_step(
     where the last was killed: tasks with markers are not run again, and the decisions are the single-process
     ones."""
     run = _run_folder(tmp_path, embeddings)
-    pipeline = _fp32_pipeline(tmp_path, run, images, {"concurrency": 1})
+    pipeline = _fp32_pipeline(tmp_path, run, images, {"num_cpus": 1})
     folder = run / "dedup" / "_global"
     kept: dict[str, dict[str, str]] = {}
     killed_worker = None
-    for phase in ("r0-kmeans", "r0-assign", "r0-search", "greedy"):
+    for phase in ("exact", "r0-kmeans", "r0-assign", "r0-search", "cc0", "greedy"):
         driver = _start(pipeline, two_nodes.address)
         deadline = time.monotonic() + 180
         while driver.poll() is None and time.monotonic() < deadline:
@@ -234,4 +234,5 @@ def test_multi_node_resume_after_the_driver_is_killed_in_each_sub_step(
         assert all(after[name] == text for name, text in markers.items()), phase
     search = [json.loads(p.read_text()) for p in (folder / "_tasks" / "r0-search").glob("*.json")]
     assert killed_worker not in {r["pid"] for r in search}  # its task finished in another worker
-    assert len({r["node"] for r in search}) >= 1
+    records = [json.loads(p.read_text()) for p in (folder / "_tasks").glob("*/*.json")]
+    assert len({r["node"] for r in records}) == 2  # both nodes ran tasks
