@@ -24,6 +24,7 @@ from curate.dedup.layout import (
     Where,
     code_columns,
     codes_of,
+    compression,
     folder_files,
     hash_part,
     name,
@@ -125,7 +126,9 @@ def split(where: Where, r: int, cluster: int, bucket: int, block: int) -> dict[s
                 if i not in writers:
                     target = where.round(r, "giant", name("c", cluster), name("block-", i) + ".parquet")
                     writers[i] = stack.enter_context(
-                        storage.parquet_writer(target, chunk.schema, compression="zstd", use_dictionary=False)
+                        storage.parquet_writer(
+                            target, chunk.schema, compression=compression(chunk.schema), use_dictionary=False
+                        )
                     )
                 writers[i].write_table(chunk)
     return {"rows": len(ids), "blocks": blocks}
