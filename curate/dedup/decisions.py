@@ -17,7 +17,7 @@ import pyarrow as pa
 from curate import storage
 from curate.dedup.layout import Group, Settings, Where, codes_of, name, read_files, read_folder, vectors_of
 from curate.dedup.order import dense_rank, keys_from_codes
-from curate.dedup.report import cluster_size_stats, threshold_analysis, write_report
+from curate.dedup.report import cluster_size_stats, method, threshold_analysis, write_report
 from curate.runfolder import shard_name
 from curate.schema import DEDUP_SCHEMA
 from curate.steps import read_array
@@ -116,12 +116,7 @@ def report(where: Where, settings: Settings, d: int, totals: dict[str, Any]):
         **totals,
         "removed": removed,
         "fraction_removed": removed / max(1, ok),
-        "max_neighbors": params.max_neighbors,
-        "threshold": params.threshold,
-        "metric": "cosine similarity of L2-normalised SSCD embeddings (inner product), strictly greater",
-        "order": settings.order,
-        "assign_top": params.assign_top,
-        "rounds": params.rounds,
+        **method(params, settings.order),
         "clusters": cluster_size_stats(sizes),
         "threshold_analysis": analysis,
     }

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from curate import storage
-from curate.dedup.cluster import Pairs, greedy, range_search_members
+from curate.dedup.cluster import DedupParams, Pairs, greedy, range_search_members
 
 DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
@@ -63,6 +63,18 @@ def threshold_analysis(
             }
         )
     return rows
+
+
+def method(params: DedupParams, order: str) -> dict[str, Any]:
+    """The settings that decided the rows, as both global-step paths report them."""
+    return {
+        "max_neighbors": params.max_neighbors,
+        "threshold": params.threshold,
+        "metric": "cosine similarity of L2-normalised SSCD embeddings (inner product), strictly greater",
+        "order": order,
+        "assign_top": params.assign_top,
+        "rounds": params.rounds,
+    }
 
 
 def cluster_size_stats(sizes: np.ndarray) -> dict[str, Any]:

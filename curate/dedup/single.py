@@ -27,7 +27,7 @@ from curate.dedup.cluster import (
 from curate.dedup.layout import Settings, Where
 from curate.dedup.order import dense_rank, order_codes, row_ids
 from curate.dedup.products import Vectors
-from curate.dedup.report import analysed_clusters, cluster_size_stats, threshold_analysis, write_report
+from curate.dedup.report import analysed_clusters, cluster_size_stats, method, threshold_analysis, write_report
 from curate.schema import DEDUP_SCHEMA, embedding_matrix
 
 
@@ -112,12 +112,7 @@ def decide(settings: Settings, table: pa.Table, vectors: np.ndarray, shards: lis
         "near_duplicates": len(near),
         "pairs_found": len(result.pairs),
         "bounded": int(result.bounded.sum()) if result.bounded is not None else 0,
-        "max_neighbors": params.max_neighbors,
-        "threshold": params.threshold,
-        "metric": "cosine similarity of L2-normalised SSCD embeddings (inner product), strictly greater",
-        "order": settings.order,
-        "assign_top": params.assign_top,
-        "rounds": params.rounds,
+        **method(params, settings.order),
         "k": k,
         "k_default": default_clusters(len(reps)),
         "clusters": cluster_size_stats(sizes),
