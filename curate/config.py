@@ -14,10 +14,20 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from curate import storage
 
@@ -29,6 +39,19 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: invalid pipeline\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _as_tuple(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else value
+
+
+def _absolute(value: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(storage.absolute(v) for v in value)
+
+
+# one location or a list of them (files, globs, brace lists; local, s3://, ...), kept as absolute URIs so a run
+# resumed from another working directory reads the same inputs
+Uris = Annotated[tuple[str, ...], BeforeValidator(_as_tuple), AfterValidator(_absolute)]
 
 
 class Strict(BaseModel):

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from curate import storage
-from curate.config import StageConfig
+from curate.config import StageConfig, Uris
 from curate.download import inputs
 from curate.download.fetch import FetchSettings, Result, fetch
 from curate.download.net import parse_networks
@@ -43,7 +43,7 @@ class DownloadConfig(StageConfig):
     is_source: ClassVar[bool] = True
 
     # -- input
-    urls: tuple[str, ...] = Field(min_length=1, description="URL list files or globs (local paths or s3://...)")
+    urls: Uris = Field(min_length=1, description="URL list files or globs (local paths or s3://...)")
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
     url_column: str = "url"
     caption_column: str | None = "caption"
@@ -72,16 +72,6 @@ class DownloadConfig(StageConfig):
     respect_robots_txt: bool = True
     max_response_bytes: PositiveInt = 32 << 20
     allow_private_addresses: tuple[str, ...] = ()  # CIDRs or IPs exempt from the private-address block
-
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _as_tuple(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
-
-    @field_validator("urls")
-    @classmethod
-    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(storage.absolute(v) for v in value)
 
     @field_validator("allow_private_addresses")
     @classmethod

@@ -13,10 +13,10 @@ import time
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from curate import storage
-from curate.config import StageConfig
+from curate.config import StageConfig, Uris
 from curate.download.statuses import classify
 from curate.images import DEFAULT_MAX_PIXELS
 from curate.ingest.rows import ExtraColumns, build_table, table_columns
@@ -40,7 +40,7 @@ class ParquetConfig(StageConfig):
     kind: Literal["parquet"]
     is_source: ClassVar[bool] = True
 
-    path: tuple[str, ...] = Field(min_length=1, description="Parquet files, globs or brace lists, local or s3://")
+    path: Uris = Field(min_length=1, description="Parquet files, globs or brace lists, local or s3://")
     image_column: str = "image"  # binary bytes, or a struct<bytes, path> (Hugging Face Image); img2dataset: jpg
     caption_column: str | None = "caption"  # Hugging Face datasets often: text; null for none
     url_column: str | None = None  # the sample's source URL, if the table has one (img2dataset: url)
@@ -48,16 +48,6 @@ class ParquetConfig(StageConfig):
     shard_size: PositiveInt = 10_000  # rows per output shard at most (whole row groups; a larger one alone)
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
     threads: PositiveInt = 4  # images decoded at once inside one worker
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _as_tuple(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(storage.absolute(v) for v in value)
 
     @model_validator(mode="after")
     def _distinct(self) -> ParquetConfig:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt, field_validator
 
 from curate import storage
-from curate.config import StageConfig
+from curate.config import StageConfig, Uris
 from curate.download.statuses import classify
 from curate.images import DEFAULT_MAX_PIXELS
 from curate.ingest.rows import ExtraColumns, build_table, extra_columns
@@ -30,7 +30,7 @@ class WebDatasetConfig(StageConfig):
     kind: Literal["webdataset"]
     is_source: ClassVar[bool] = True
 
-    path: tuple[str, ...] = Field(
+    path: Uris = Field(
         min_length=1, description="tar files, globs or brace lists (s3://bucket/laion/{00000..00099}.tar)"
     )
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -42,16 +42,6 @@ class WebDatasetConfig(StageConfig):
     max_part_bytes: PositiveInt = 1 << 30  # a larger plain .tar is read as several shards
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
     threads: PositiveInt = 4  # images decoded at once inside one worker
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _as_tuple(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(storage.absolute(v) for v in value)
 
     @field_validator("image_extensions")
     @classmethod
