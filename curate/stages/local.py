@@ -8,7 +8,6 @@ become rows with a status and the reason; nothing found by the listing is droppe
 from __future__ import annotations
 
 import functools
-import hashlib
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,8 @@ from pydantic import Field, PositiveInt, field_validator
 
 from curate import storage
 from curate.config import StageConfig, Strict
-from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from curate.images import DEFAULT_MAX_PIXELS
+from curate.ingest.rows import check_image
 from curate.runfolder import ShardTask, StageDir
 from curate.schema import IMAGE_SCHEMA, make_key
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext
@@ -159,23 +159,7 @@ def read_one(config: LocalConfig, root: str, relative: str) -> dict[str, Any]:
         data = storage.read_bytes(uri)
     except OSError as e:
         return {**row, "status": "read_error", "error": f"{type(e).__name__}: {e}"}
-    row["sha256"] = hashlib.sha256(data).hexdigest()
-    try:
-        decoded = open_image(data, config.max_pixels)
-    except ImageError as e:
-        return {**row, "status": e.status, "error": e.message}
-    width, height = decoded.image.size
-    return {
-        **row,
-        "image": data,
-        "format": decoded.format,
-        "width": width,
-        "height": height,
-        "original_width": width,
-        "original_height": height,
-        "status": "ok",
-        "error": None,
-    }
+    return {**row, **check_image(data, config.max_pixels)}
 
 
 def process(config: LocalConfig, task: ShardTask, context: WorkContext, state: Any) -> ShardOutput:
