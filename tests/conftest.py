@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,3 +81,52 @@ def curate_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.Complet
         env=env,
         **kwargs,
     )
+
+
+def readme_command(heading_words: str) -> str:
+    """The first ```bash block after the paragraph that mentions ``heading_words``."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(heading_words)
+    return re.search(r"```bash\n(.+?)\n```", text[start:], re.S).group(1).strip()
+
+
+def fresh_clone(target: Path) -> Path:
+    """The files a clone of the current work would have: tracked and not-ignored, nothing built or run."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's offline demo command, run once per session on a fresh clone (the slow end-to-end run that
+    several tests read: the README test, the run report). Returns the clone and the finished command."""
+    command = readme_command("Run the offline demo")
+    setup = "bash .ci/setup && "
+    assert command.startswith(setup)
+    # .ci/setup made the environment this test runs in; the rest runs as written, with that environment.
+    command = command[len(setup) :].replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    clone = fresh_clone(tmp_path_factory.mktemp("demo") / "clone")
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return clone, result

@@ -3,43 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
-
-
-def readme_command(heading_words: str) -> str:
-    """The first ```bash block after the paragraph that mentions ``heading_words``."""
-    text = (REPO / "README.md").read_text()
-    start = text.index(heading_words)
-    return re.search(r"```bash\n(.+?)\n```", text[start:], re.S).group(1).strip()
-
-
-def fresh_clone(target: Path) -> Path:
-    """The files a clone of the current work would have: tracked and not-ignored, nothing built or run."""
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    return target
+from conftest import REPO, readme_command
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -47,21 +15,8 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 @pytest.mark.slow
-def test_readme_demo_command_on_a_fresh_clone(tmp_path):
-    command = readme_command("Run the offline demo")
-    setup = "bash .ci/setup && "
-    assert command.startswith(setup)
-    # .ci/setup made the environment this test runs in; the rest runs as written, with that environment.
-    command = command[len(setup) :].replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
-    clone = fresh_clone(tmp_path / "clone")
-    result = subprocess.run(
-        ["bash", "-c", command],
-        cwd=clone,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"},
-    )
+def test_readme_demo_command_on_a_fresh_clone(demo_run):
+    clone, result = demo_run
     assert result.returncode == 0, result.stderr[-3000:]
     run = clone / "runs" / "demo"
     record = json.loads((run / "ingest" / "_SUCCESS.json").read_text())
