@@ -50,9 +50,9 @@ def read_markers(stage: StageDir, indexes: Iterable[int]) -> list[ShardStats]:
     return [ShardStats.from_dict(d) for d in docs]
 
 
-def sample_markers(stage: StageDir, limit: int = MARKER_SCAN) -> list[ShardStats]:
-    """The markers of at most ``limit`` done shards, spread over the stage."""
-    return read_markers(stage, spread(done_shards(stage), limit))
+def sample_markers(stage: StageDir, limit: int | None = None) -> list[ShardStats]:
+    """The markers of at most ``limit`` (MARKER_SCAN) done shards, spread over the stage."""
+    return read_markers(stage, spread(done_shards(stage), limit or MARKER_SCAN))
 
 
 def read_columns(uri: str, wanted: list[str]) -> pa.Table:
