@@ -10,18 +10,20 @@ has no scripts, and its styles are inline, so it renders offline from a disk or 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from curate import __version__, storage
-from curate.inspect import stage_names
 from curate.report.captions import caption_section
 from curate.report.charts import funnel_png
 from curate.report.dedup import dedup_section
 from curate.report.filters import filter_section
-from curate.report.funnel import Stage, stage_info
+from curate.report.funnel import Stage, removed_here, stage_info
 from curate.report.pictures import ImageFolder
 from curate.report.samples import MARKER_SCAN
 from curate.report.training import encode_section, validate_section
@@ -42,12 +44,37 @@ def _runs(run: RunDir) -> list[dict[str, Any]]:
     return [json.loads(line) for line in reversed(lines) if line.strip()]
 
 
+def saved_pipeline(run: RunDir) -> dict[str, Any]:
+    """RUN/pipeline.yaml, parsed with libyaml where PyYAML has it (the resolved pipeline of a real run takes
+    about a second with the pure-Python parser on a busy 2-core machine)."""
+    if not storage.exists(run.pipeline_uri):
+        return {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(storage.read_text(run.pipeline_uri), Loader=loader) or {}
+
+
+def stage_names(run: RunDir, saved: dict[str, Any]) -> list[str]:
+    """Stages in pipeline order, then any other stage folder (as `curate.inspect.stage_names`)."""
+    names = [s.get("name") or s["kind"] for s in saved.get("stages", [])]
+    return names + [
+        n for n in storage.list_names(run.uri) if n not in names and storage.exists(run.stage(n).record_uri)
+    ]
+
+
 def page_model(run: RunDir, pictures: ImageFolder, decode_latents: bool = False) -> dict[str, Any]:
-    stages: list[Stage] = [stage_info(run, name) for name in stage_names(run.uri)]
+    saved = saved_pipeline(run)
+    stages: list[Stage] = [stage_info(run, name) for name in stage_names(run, saved)]
     by_kind: dict[str, list[Stage]] = {}
     for info in stages:
         by_kind.setdefault(info.kind, []).append(info)
     started = [s for s in stages if s.summary.get("shards")]
+    filters = [filter_section(run, s.name, pictures) for s in by_kind.get("filter", [])]
+    dedups = [dedup_section(run, s.name, pictures) for s in by_kind.get("dedup", []) if s.summary.get("shards")]
+    removed_here(
+        stages,
+        {f["name"]: dict((rule, n) for rule, n, _ in f["removed"]) for f in filters if f["ready"]},
+        {d["name"]: d["report"] for d in dedups if d["report"]},
+    )
     funnel = pictures.put("funnel.png", funnel_png([(s.name, s.rows, s.ok) for s in started])) if started else None
     return {
         "run": run.uri,
@@ -55,8 +82,8 @@ def page_model(run: RunDir, pictures: ImageFolder, decode_latents: bool = False)
         "version": __version__,
         "stages": stages,
         "funnel_chart": funnel,
-        "filters": [filter_section(run, s.name, pictures) for s in by_kind.get("filter", [])],
-        "dedup": [dedup_section(run, s.name, pictures) for s in by_kind.get("dedup", []) if s.summary.get("shards")],
+        "filters": filters,
+        "dedup": dedups,
         "captions": [caption_section(run, s, pictures) for s in by_kind.get("caption", []) if s.summary.get("shards")],
         "encode": [
             encode_section(run, s, pictures, decode_latents)
@@ -69,7 +96,9 @@ def page_model(run: RunDir, pictures: ImageFolder, decode_latents: bool = False)
     }
 
 
-def render(page: dict[str, Any]) -> str:
+@functools.lru_cache(maxsize=1)
+def environment() -> Any:
+    """The templates, compiled once per process (a Jinja2 Environment is safe to share between threads)."""
     import jinja2
 
     env = jinja2.Environment(
@@ -82,7 +111,11 @@ def render(page: dict[str, Any]) -> str:
     env.filters["num"] = lambda v: "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.2f}"
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     env.filters["g"] = lambda v, digits=3: "-" if v is None else f"{v:.{digits}g}"
-    return env.get_template("index.html.j2").render(**page)
+    return env
+
+
+def render(page: dict[str, Any]) -> str:
+    return environment().get_template("index.html.j2").render(**page)
 
 
 def build_report(run_uri: str, log: Callable[[str], None] | None = None, decode_latents: bool = False) -> str:

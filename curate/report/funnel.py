@@ -49,6 +49,7 @@ class Stage:
     markers: list[ShardStats]
     global_step: dict[str, Any] | None
     links: list[tuple[str, str]]
+    removed_here: list[tuple[str, int]] = field(default_factory=list)  # (reason, rows) this stage itself removed
 
     @property
     def rows(self) -> int:
@@ -136,4 +137,24 @@ def stage_info(run: RunDir, name: str) -> Stage:
     )
 
 
-__all__ = ["Stage", "StatusRow", "stage_info", "status_examples"]
+PASSED_ON = ("skipped_", "not_ok_upstream", "keep_from:")  # removals by an earlier stage, carried as a status
+
+
+def removed_here(stages: list[Stage], filter_removed: dict[str, dict[str, int]], dedup: dict[str, dict]) -> None:
+    """What each stage itself removed, and why: a filter's rules (its report), dedup's exact and near copies (its
+    report: their status stays `ok`, `keep` is false), a source's non-ok statuses, and for any other stage the
+    statuses it has more of than the stage it reads (a captioner's `too_long`, an encoder's `no_bucket`)."""
+    by_name = {s.name: s for s in stages}
+    for stage in stages:
+        upstream = by_name.get(stage.record.get("upstream") or "")
+        if stage.name in filter_removed:
+            found = filter_removed[stage.name].items()
+        elif stage.name in dedup:
+            found = [(k, int(dedup[stage.name].get(f"{k}s", 0))) for k in ("exact_duplicate", "near_duplicate")]
+        else:
+            before = {s.status: s.count for s in upstream.statuses} if upstream else {}
+            found = [(s.status, s.count - before.get(s.status, 0)) for s in stage.statuses if s.status != "ok"]
+        stage.removed_here = [(k, n) for k, n in found if n > 0 and not k.startswith(PASSED_ON)]
+
+
+__all__ = ["Stage", "StatusRow", "removed_here", "stage_info", "status_examples"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from curate import storage
 from curate.report.charts import buckets_png
 from curate.report.funnel import Stage
@@ -23,15 +21,6 @@ def bucket_counts(info: Stage) -> dict[str, int]:
     return {k[len("bucket.") :]: int(v) for k, v in extra.items() if k.startswith("bucket.")}
 
 
-def vae_spec(run: RunDir) -> dict[str, Any] | None:
-    """The run's VAE as the saved pipeline names it (models.vae), if any."""
-    if not storage.exists(run.pipeline_uri):
-        return None
-    saved = yaml.safe_load(storage.read_text(run.pipeline_uri)) or {}
-    models = saved.get("models") or {}
-    return models.get("vae") if isinstance(models, dict) else None
-
-
 def _load_vae(spec: dict[str, Any]) -> Any:
     from curate.config import ModelSpec
     from curate.encode.models import load_vae
@@ -39,7 +28,9 @@ def _load_vae(spec: dict[str, Any]) -> Any:
     return load_vae(ModelSpec(**spec), "cpu")
 
 
-def latent_rows(run: RunDir, info: Stage, pictures: ImageFolder, decode: bool) -> tuple[list[dict[str, Any]], str]:
+def latent_rows(
+    run: RunDir, info: Stage, pictures: ImageFolder, models: dict[str, Any] | None, decode: bool
+) -> tuple[list[dict[str, Any]], str]:
     """(rows with channel and decoded pictures, a note on how they were made). Decoding needs torch and diffusers
     in this process and the VAE loaded (about 20 s on 2 cores even for the demo's tiny VAE, more for SD3's), so
     it is asked for (`curate report --decode-latents`), never done by the runner's builds; a latent decoded once
@@ -48,7 +39,7 @@ def latent_rows(run: RunDir, info: Stage, pictures: ImageFolder, decode: bool) -
     if shard is None:
         return [], "no encoded rows in the scanned markers"
     rows = read_latents(run.stage(info.name).shard(shard))
-    spec = vae_spec(run)
+    spec = models.get("vae") if isinstance(models, dict) else None  # the run's VAE, as RUN/pipeline.yaml names it
     vae: Any = None
     note = "decoded with the run's VAE (centre crop of at most 256 x 256 pixels)"
     if not decode:
@@ -80,9 +71,11 @@ def latent_rows(run: RunDir, info: Stage, pictures: ImageFolder, decode: bool) -
     return out, note
 
 
-def encode_section(run: RunDir, info: Stage, pictures: ImageFolder, decode: bool = False) -> dict[str, Any]:
+def encode_section(
+    run: RunDir, info: Stage, pictures: ImageFolder, models: dict[str, Any] | None, decode: bool = False
+) -> dict[str, Any]:
     counts = bucket_counts(info)
-    latents, note = latent_rows(run, info, pictures, decode) if info.summary.get("shards") else ([], "")
+    latents, note = latent_rows(run, info, pictures, models, decode) if info.summary.get("shards") else ([], "")
     chart = pictures.put(f"{info.name}-buckets.png", buckets_png(counts)) if counts else None
     total = sum(counts.values())
     return {
