@@ -89,6 +89,7 @@ def test_a_build_reads_a_bounded_sample_whatever_the_shard_count(tmp_path, monke
         for (stage, status), n in counts.items():
             assert f'data-stage="{stage}" data-status="{status}" data-count="{n}"' in html
         assert 'data-band="exact copies"' in html and 'class="caption-row"' in html and 'data-status="too_long"' in html
+        assert "&lt;bench row" in html and "&gt; &amp; more" in html and "<bench row" not in html  # escaped
     assert reads[160][0] <= reads[40][0] + 8 and reads[160][1] < 30, reads
     assert reads[160][2] - reads[40][2] == 120, reads  # one more marker per new caption shard, nothing else
 

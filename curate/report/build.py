@@ -61,6 +61,14 @@ def stage_names(run: RunDir, saved: dict[str, Any]) -> list[str]:
     ]
 
 
+def guarded(name: str, make: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """One section; a section that fails (a shard deleted under it, a bug) says why instead of losing the page."""
+    try:
+        return make(*args)
+    except Exception as e:
+        return {"name": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+
+
 def page_model(run: RunDir, pictures: ImageFolder, decode_latents: bool = False) -> dict[str, Any]:
     saved = saved_pipeline(run)
     stages: list[Stage] = [stage_info(run, name) for name in stage_names(run, saved)]
@@ -68,12 +76,12 @@ def page_model(run: RunDir, pictures: ImageFolder, decode_latents: bool = False)
     for info in stages:
         by_kind.setdefault(info.kind, []).append(info)
     started = [s for s in stages if s.summary.get("shards")]
-    filters = [filter_section(run, s.name, pictures) for s in by_kind.get("filter", [])]
-    dedups = [dedup_section(run, s.name, pictures) for s in by_kind.get("dedup", []) if s.summary.get("shards")]
+    filters = [guarded(s.name, filter_section, run, s.name, pictures) for s in by_kind.get("filter", [])]
+    dedups = [guarded(s.name, dedup_section, run, s.name, pictures) for s in by_kind.get("dedup", []) if s in started]
     removed_here(
         stages,
-        {f["name"]: dict((rule, n) for rule, n, _ in f["removed"]) for f in filters if f["ready"]},
-        {d["name"]: d["report"] for d in dedups if d["report"]},
+        {f["name"]: dict((rule, n) for rule, n, _ in f["removed"]) for f in filters if f.get("ready")},
+        {d["name"]: d["report"] for d in dedups if d.get("report")},
     )
     funnel = pictures.put("funnel.png", funnel_png([(s.name, s.rows, s.ok) for s in started])) if started else None
     return {
@@ -84,13 +92,19 @@ def page_model(run: RunDir, pictures: ImageFolder, decode_latents: bool = False)
         "funnel_chart": funnel,
         "filters": filters,
         "dedup": dedups,
-        "captions": [caption_section(run, s, pictures) for s in by_kind.get("caption", []) if s.summary.get("shards")],
-        "encode": [
-            encode_section(run, s, pictures, decode_latents)
-            for s in by_kind.get("encode", [])
-            if s.summary.get("shards")
+        "captions": [
+            guarded(s.name, caption_section, run, s, pictures) for s in by_kind.get("caption", []) if s in started
         ],
-        "validate": [validate_section(run, s, pictures) for s in by_kind.get("validate", []) if s.state == "complete"],
+        "encode": [
+            guarded(s.name, encode_section, run, s, pictures, saved.get("models"), decode_latents)
+            for s in by_kind.get("encode", [])
+            if s in started
+        ],
+        "validate": [
+            guarded(s.name, validate_section, run, s, pictures)
+            for s in by_kind.get("validate", [])
+            if s.state == "complete"
+        ],
         "runs": _runs(run),
         "marker_scan": MARKER_SCAN,
     }

@@ -38,7 +38,7 @@ class StatusRow:
     sampled_rows: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Stage:
     name: str
     kind: str

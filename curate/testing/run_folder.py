@@ -101,7 +101,7 @@ def _rows(g: int, keys: Callable[[int], str], jpegs: list[bytes]) -> dict[str, d
         "tokens_generated": 7 if status == "ok" else None,
         "truncated": False if status == "ok" else None,
         "status": status,
-        "error": None if status == "ok" else f"{status} (bench row {g})",
+        "error": None if status == "ok" else f"{status}: <bench row {g}> & more",  # markup a page must escape
     }
     return {"ingest": ingest, "prefilter": prefilter, "dedup": dedup, "caption": caption}
 
