@@ -5,6 +5,10 @@ The report must cost the same at 1e9 rows as at 1e3, so it never reads every sha
 - rows: whole columns of at most a fixed number of shards per section (key / status / error / captions, never
   the image column), then the image column of only the row groups that hold the rows it shows.
 
+Memory follows the shard size, never the run's: what a build holds at once is the small columns of the shards a
+section reads (the dedup section's 16 shards' keys are the most: ~100 bytes per row as Python strings, 8 MB at
+5,000 rows per shard), one row group of images, and the page.
+
 Shard choice is deterministic (evenly spaced over the done shards, first and last included), so two builds
 of the same run folder show the same rows and thumbnails are reused from ``_report/img/``.
 """
@@ -21,7 +25,7 @@ import pyarrow as pa
 from curate import storage
 from curate.runfolder import RunDir, ShardStats, StageDir
 
-MARKER_SCAN = 200  # markers read per stage to find shards holding each status (and the rows/s of a stage)
+MARKER_SCAN = 200  # markers read per stage, to find the shards holding each status
 READ_THREADS = 16  # markers are small objects: read them in parallel (an object store answers in ~20-50 ms)
 
 
