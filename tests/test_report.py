@@ -58,7 +58,7 @@ def test_a_report_that_cannot_be_built_is_one_log_line(tmp_path, monkeypatch):
 
 
 def test_a_build_reads_a_bounded_sample_whatever_the_shard_count(tmp_path, monkeypatch):
-    """With the sample sizes made small, a run of 160 shards per stage opens no more shard files than one of 40
+    """With the sample sizes made small, a run of 60 shards per stage opens no more shard files than one of 20
     (but for the kept-key lookup, which may need up to KEY_SHARDS); markers: the in-progress stage's all (its
     counts), a fixed number for the others. The funnel stays exact."""
     from curate.report import captions, dedup, funnel, samples
@@ -79,7 +79,7 @@ def test_a_build_reads_a_bounded_sample_whatever_the_shard_count(tmp_path, monke
 
     monkeypatch.setattr(storage, "read_json", counted_json)
     reads = {}
-    for shards in (40, 160):
+    for shards in (20, 60):
         run = fabricate_run(str(tmp_path / f"run{shards}"), shards, rows_per_shard=3)
         opened.clear()
         markers.clear()
@@ -90,8 +90,8 @@ def test_a_build_reads_a_bounded_sample_whatever_the_shard_count(tmp_path, monke
             assert f'data-stage="{stage}" data-status="{status}" data-count="{n}"' in html
         assert 'data-band="exact copies"' in html and 'class="caption-row"' in html and 'data-status="too_long"' in html
         assert "&lt;bench row" in html and "&gt; &amp; more" in html and "<bench row" not in html  # escaped
-    assert reads[160][0] <= reads[40][0] + 8 and reads[160][1] < 30, reads
-    assert reads[160][2] - reads[40][2] == 120, reads  # one more marker per new caption shard, nothing else
+    assert reads[60][0] <= reads[20][0] + 8 and reads[60][1] < 30, reads
+    assert reads[60][2] - reads[20][2] == 40, reads  # one more marker per new caption shard, nothing else
 
 
 @pytest.mark.slow
