@@ -68,6 +68,8 @@ def latent_rows(
         )
     if spec is None:
         note = "no VAE in the run's models: channels only"
+    elif not decode and any(r["decoded"] for r in out):
+        note = "decoded with the run's VAE by an earlier `curate report --decode-latents` (centre crop, at most 256 px)"
     return out, note
 
 
