@@ -1,4 +1,4 @@
-"""The `curate` command: run, check, inspect, samples, serve, tiny-models, train, sample."""
+"""The `curate` command: run, check, inspect, report, samples, serve, tiny-models, train, sample."""
 
 from __future__ import annotations
 
@@ -60,6 +60,18 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"curate inspect: no such run folder or shard: {args.target}", file=sys.stderr)
         return 1
     print(format_any(args.target, sample=args.rows))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from curate import storage
+    from curate.report import build_report
+
+    if not storage.is_dir(storage.absolute(args.run)):
+        print(f"curate report: no run folder at {args.run}", file=sys.stderr)
+        return 1
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    print(build_report(args.run, log=log, decode_latents=args.decode_latents))
     return 0
 
 
@@ -170,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("target")
     inspect.add_argument("--rows", type=int, default=3, help="sample rows to show per stage")
     inspect.set_defaults(func=_inspect)
+
+    report = sub.add_parser(
+        "report",
+        help="write RUN/_report/index.html: the funnel, each stage's numbers, images of what was kept and removed",
+    )
+    report.add_argument("run", help="a run folder (local path or s3://, gs://, file:// URI)")
+    report.add_argument(
+        "--decode-latents",
+        action="store_true",
+        help="also decode the shown training-shard latents with the run's VAE (loads torch, diffusers and the VAE)",
+    )
+    report.set_defaults(func=_report)
 
     samples = sub.add_parser("samples", help="write the offline sample images (scikit-image, scikit-learn)")
     samples.add_argument("folder")

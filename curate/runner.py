@@ -22,6 +22,7 @@ from curate import __version__, steps, storage
 from curate.cluster import ray_session, resolve_address
 from curate.config import Pipeline, StageConfig
 from curate.progress import Progress
+from curate.report import RunReport
 from curate.runfolder import RunDir, ShardStats, ShardTask, StageDir, summarize
 from curate.schema import SCHEMA_VERSION, parquet_options
 from curate.stages import STAGES, StageSpec, WorkContext
@@ -418,11 +419,14 @@ def run_pipeline(
     records: dict[str, dict[str, Any]] = {}
     with ray_session(resolve_address(address, pipeline.ray), pipeline.ray) as where:
         log(f"run folder {run.uri} on {where}")
+        report = RunReport(run.uri, log)  # RUN/_report/index.html after each stage and at the end
         try:
             for stage in selected:
                 records[stage.stage_name] = run_stage(pipeline, run, stage, log=log)
+                report.stage_done()
         finally:
             run.append_log({**entry, "finished_at": _utcnow(), "completed": list(records), "cluster": where})
+            report.close()
     return records
 
 

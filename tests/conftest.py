@@ -22,6 +22,9 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+    # The run report (RUN/_report/index.html) is built by the demo run and tests/test_report.py; the suite's many
+    # small pipelines, whose reports nobody reads, skip it (about 2 s per `curate run` subprocess otherwise).
+    os.environ.setdefault("CURATE_REPORT", "0")
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +129,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         capture_output=True,
         text=True,
         timeout=900,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "CURATE_REPORT": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return clone, result
