@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 import pytest
 from conftest import REPO, curate_cli
 
+from curate.cli import main
 from curate.config import ConfigError, StageConfig
 from curate.pipeline import load_pipeline
 from curate.serve import write_url_list
@@ -178,17 +179,21 @@ def test_cli_bad_config_exits_2_before_any_work(tmp_path, sample_images):
     assert not out.exists()
 
 
-def test_shipped_pipelines_check_without_work(tmp_path, sample_images, tiny_models):
-    """`curate check` validates every shipped pipeline and prints its plan, touching nothing."""
+def test_shipped_pipelines_check_without_work(tmp_path, sample_images, tiny_models, monkeypatch, capsys):
+    """`curate check` validates every shipped pipeline and prints its plan, touching nothing. In this process
+    (the command's own `main`): a subprocess per pipeline spent ~8 s each importing torch and open_clip again."""
     (tmp_path / "demo-data").mkdir()
     (tmp_path / "demo-data" / "images").symlink_to(sample_images)
     (tmp_path / "demo-data" / "models").symlink_to(tiny_models)
     write_url_list(sample_images, "http://127.0.0.1:8000", tmp_path / "demo-data" / "urls.parquet")  # curate serve's
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for path in sorted((REPO / "pipelines").glob("*.yaml")):
-        result = curate_cli("check", str(path), cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert f"pipeline {path.stem}" in result.stdout and ": valid" in result.stdout
-        assert "resources:" in result.stdout and "output:" in result.stdout
+        code = main(["check", str(path)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert f"pipeline {path.stem}" in out and ": valid" in out
+        assert "resources:" in out and "output:" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-data"]  # no run folder was made
 
 
