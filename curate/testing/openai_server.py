@@ -139,6 +139,7 @@ class CompletionServer:
         self.lock = threading.Lock()
         self.hung = threading.Event()
         self.stopped = threading.Event()
+        ThreadingHTTPServer.request_queue_size = 1024  # listen backlog: engines' servers accept bursts of connects
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.httpd.block_on_close = False  # hung handlers must not hold up shutdown
