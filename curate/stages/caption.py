@@ -496,7 +496,14 @@ def describe(config: CaptionConfig) -> str:
     keep = f"; skips keep=false rows of {config.keep_from}" if config.keep_from else ""
     mode = "greedy" if not config.do_sample else "sampling"
     prompt = f"task prompt {config.task_prompt!r}" if config.task_prompt is not None else f"prompt {config.prompt!r}"
-    return f"{prompt}, {config.max_new_tokens} new tokens, {mode}{keep}"
+    where = ""
+    if config.servers is not None:
+        s = config.servers
+        many = {"auto": f"one per {s.num_gpus:g} GPUs", "per_node": "one per node"}.get(str(s.replicas), s.replicas)
+        where = f"; on {s.engine} servers of {s.model} ({many}, {s.num_gpus:g} GPUs each)"
+    elif config.endpoints:
+        where = f"; on {len(config.endpoints)} servers you run ({config.served_model})"
+    return f"{prompt}, {config.max_new_tokens} new tokens, {mode}{keep}{where}"
 
 
 SPEC = StageSpec(
