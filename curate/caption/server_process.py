@@ -55,6 +55,16 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def ray_node() -> str | None:
+    """The Ray node this runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 def node_ip() -> str:
     try:
         import ray
@@ -200,6 +210,8 @@ class ServerProcess:
             "exit_codes": self.exit_codes,
             "launcher_pid": self.proc.pid if self.proc else None,
             "node": node_ip(),
+            "ray_node": ray_node(),
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # what Ray gave the actor, and the server inherits
             "command": self.command,
             "log": self.log_uri,
             "updated_at": _now(),
