@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -93,9 +92,10 @@ def ingest(pipeline) -> RunDir:
     return run
 
 
-def caption_here(pipeline, during=None) -> tuple[list[dict], list[dict], list[str]]:
+def caption_here(pipeline, before=None) -> tuple[list[dict], list[dict], list[dict], object]:
     """The caption stage with its services (the servers) and its shards run in this process: its rows, its shard
-    markers' counters, and the servers' URLs. ``during(urls)`` runs in a thread while the shards run."""
+    markers' counters, the servers' /stats and the worker's client. ``before(urls)`` runs once the servers are up,
+    before the first shard."""
     run = ingest(pipeline)
     stage = pipeline.stage("caption")
     _, tasks = prepare_stage(pipeline, run, stage)
@@ -103,9 +103,8 @@ def caption_here(pipeline, during=None) -> tuple[list[dict], list[dict], list[st
     spec = STAGES["caption"]
     with stage_services(spec, StageJob("caption", stage, context), log=lambda line: None) as job:
         urls = job.context.services
-        helper = threading.Thread(target=during, args=(urls,), daemon=True) if during else None
-        if helper:
-            helper.start()
+        if before is not None:
+            before(urls)
         captioner = spec.setup(stage, job.context)
         for task in tasks:
             result = execute_shard(job, task, captioner)
@@ -113,7 +112,7 @@ def caption_here(pipeline, during=None) -> tuple[list[dict], list[dict], list[st
         stats = [get(u, "stats") for u in urls]
     rows = pa.concat_tables([storage.read_parquet(u) for u in run.stage("caption").shard_uris()]).to_pylist()
     markers = [s.extra for s in run.stage("caption").shard_stats()]
-    return rows, markers, stats
+    return rows, markers, stats, captioner
 
 
 def get(url: str, path: str) -> dict:
@@ -167,6 +166,13 @@ def status_of(run: Path, server: int) -> dict | None:
         return None
 
 
+def engine_pid(tag: str, url: str) -> int:
+    """The pid of the server process (not its launcher) listening at ``url``."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    engine = ["-m", "curate.testing.openai_server"]
+    return next(p for p, a in processes(tag).items() if a[1:3] == engine and port in a)
+
+
 def completed(url: str) -> int:
     try:
         return get(url, "stats")["completed"]
@@ -185,15 +191,11 @@ def test_a_killed_server_is_restarted_and_every_row_is_captioned_once(ray_cluste
     pipeline = parse_pipeline(pipeline_for(run, images, servers=servers, extra="    client: {max_in_flight: 3}\n"))
     killed: dict[str, int] = {}
 
-    def kill_server_0(urls: list[str]) -> None:  # once it has answered a few requests: SIGKILL its engine process
-        wait_for(lambda: completed(urls[0]) >= 3)
-        port = urls[0].rsplit(":", 1)[1].split("/")[0]
-        engine = ["-m", "curate.testing.openai_server"]
-        pid = next(p for p, a in processes(tag).items() if a[1:3] == engine and port in a)
-        os.kill(pid, signal.SIGKILL)
-        killed["pid"] = pid
+    def kill_server_0_mid_stage(urls: list[str]) -> None:  # it SIGKILLs itself at its 4th completion, mid-stage
+        killed["pid"] = engine_pid(tag, urls[0])
+        post(urls[0], "control", {"kill_after": 4})
 
-    rows, markers, _ = caption_here(pipeline, during=kill_server_0)
+    rows, markers, _, _ = caption_here(pipeline, before=kill_server_0_mid_stage)
     assert killed
     keys = pa.concat_tables([storage.read_parquet(str(p)) for p in sorted((run / "ingest").glob("shard-*.parquet"))])
     assert [r["key"] for r in rows] == keys["key"].to_pylist()  # every row once, in shard order, none lost
@@ -205,7 +207,7 @@ def test_a_killed_server_is_restarted_and_every_row_is_captioned_once(ray_cluste
     assert first["restarts"] == 1 and len(first["starts"]) == 2 and first["state"] == "stopped", first
     assert first["exit_codes"][0] != 0  # the killed start
     log = (run / "caption" / "_servers" / "server-00.log").read_text()
-    assert log.count("=== curate: start") == 2 and f"server pid {killed['pid']}" in log
+    assert log.count("=== curate: start") == 2 and f"killing this server (pid {killed['pid']})" in log
     assert status_of(run, 1)["restarts"] == 0
     assert none_left(tag)  # stopped with the stage
 
@@ -249,14 +251,15 @@ def test_ctrl_c_leaves_no_server_process_behind_and_a_rerun_finishes(ray_cluster
 
 def test_a_429_storm_backs_off_and_finishes(ray_cluster, images, tmp_path):
     tag = f"sim-{uuid.uuid4().hex[:8]}"
-    servers = managed(tag, replicas=1, args="--slots 4 --storm-after 4 --storm-count 25")
+    servers = managed(tag, replicas=1, args="--slots 4 --step-s 0.005 --storm-after 4 --storm-count 25")
     client = "    client: {max_in_flight: 8, backoff_s: 0.01, max_image_pixels: 400}\n"
     pipeline = parse_pipeline(pipeline_for(tmp_path / "run", images, servers=servers, extra=client))
-    rows, markers, (stats,) = caption_here(pipeline)
+    rows, markers, (stats,), captioner = caption_here(pipeline)
     assert len(rows) == ROWS and {r["status"] for r in rows} == {"ok"}
     assert stats["answered"]["429"] == 25 and stats["completed"] == ROWS
     assert sum(m["pushed_back"] for m in markers) == 25 and sum(m["retries"] for m in markers) == 0
     assert min(m["window_min"] for m in markers) < 8  # the window shrank ...
+    assert captioner.servers[0].window.limit > min(m["window_min"] for m in markers)  # ... and grew back
     assert stats["max_image_pixels"] <= 400  # images downscaled to the pixel budget before they were sent
     assert none_left(tag)
 
@@ -267,11 +270,10 @@ def test_a_hung_servers_requests_move_to_the_other(ray_cluster, images, tmp_path
     client = "    client: {max_in_flight: 3, timeout_s: 1.0, backoff_s: 0.01}\n"
     pipeline = parse_pipeline(pipeline_for(tmp_path / "run", images, servers=servers, extra=client))
 
-    def hang_server_0(urls: list[str]) -> None:
-        wait_for(lambda: completed(urls[0]) >= 2)
-        post(urls[0], "control", {"hang": True})
+    def hang_server_0(urls: list[str]) -> None:  # after its 2nd completion, it answers nothing more
+        post(urls[0], "control", {"hang_after": 2})
 
-    rows, markers, stats = caption_here(pipeline, during=hang_server_0)
+    rows, markers, stats, _ = caption_here(pipeline, before=hang_server_0)
     assert len(rows) == ROWS and {r["status"] for r in rows} == {"ok"}
     assert sum(m["timeouts"] for m in markers) >= 1
     assert stats[0]["completed"] < ROWS // 2 and stats[0]["completed"] + stats[1]["completed"] >= ROWS

@@ -2,11 +2,8 @@
 
 SD3 trained on 50% original and 50% synthetic (CogVLM) captions; this stage writes the synthetic ones.
 It reads an image shard (its `input`) and, with `keep_from`, the keep flags of a joined stage (dedup):
-only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). Inside an actor
-(the model loaded once by `setup`), images are decoded in a thread pool and each batch is preprocessed
-in a background thread while the model generates the previous one. Rows whose prompt + image tokens exceed
-the model's input limit get `too_long` before the model sees them. A batch that raises is retried by
-halves down to single images; a single image that still fails gets a status, and the run goes on.
+only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). With the transformers
+backend the model is loaded once per actor (`setup`) and fed in batches (`curate.caption.batches`).
 
 With `backend: openai` the model runs on inference servers (vLLM, SGLang): the stage starts them for its whole
 run (`servers`) or uses the user's (`endpoints`), checks they serve the model before any row is sent
@@ -16,12 +13,12 @@ run (`servers`) or uses the user's (`endpoints`), checks they serve the model be
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -29,14 +26,15 @@ from PIL import Image
 from pydantic import Field, PositiveInt, model_validator
 
 from curate import storage
-from curate.caption.client import Answer, ClientConfig
+from curate.caption.batches import Item, Outcome, by_size, decode, outcome_of, prepared_batches, run_batch
+from curate.caption.client import ClientConfig
 from curate.caption.drive import model_pixel_budget
 from curate.caption.servers import ServersConfig, serving
 from curate.caption.stream import Failure, StreamCaptioner
 from curate.caption.text import clean_caption
-from curate.caption.vlm import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
+from curate.caption.vlm import Captioner, GenerationOptions, LoadOptions
 from curate.config import ModelSpec, StageConfig
-from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from curate.images import DEFAULT_MAX_PIXELS
 from curate.keep import check_keep_from, keep_table_for, select_rows
 from curate.runfolder import ShardTask
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
@@ -201,166 +199,6 @@ def setup(config: CaptionConfig, context: WorkContext) -> Captioner | StreamCapt
     return Captioner(context.models["captioner"], config.loading(), config.generation())
 
 
-# ----------------------------------------------------------------------------------------------------
-# decoding and batching
-
-
-@dataclass
-class Item:
-    row: int  # index in the upstream shard
-    image: Image.Image | None = None
-    status: str | None = None  # set when the image could not be decoded here
-    error: str | None = None
-
-
-def decode(fetch: Callable[[int], bytes], row: int, config: CaptionConfig) -> Item:
-    """Bytes of one row (fetched here, so a shard's images are not all copied out of Arrow at once) into
-    the size-capped RGB image the model sees; any failure becomes the row's status."""
-    try:
-        image = open_image(fetch(row), config.max_pixels).image
-        if config.max_image_side and max(image.size) > config.max_image_side:
-            image.thumbnail((config.max_image_side, config.max_image_side), Image.Resampling.BICUBIC)
-    except ImageError as e:
-        return Item(row, status=e.status, error=e.message)
-    except Exception as e:
-        return Item(row, status="decode_error", error=f"{type(e).__name__}: {e}"[:2000])
-    return Item(row, image)
-
-
-@dataclass
-class Batch:
-    items: list[Item]
-    inputs: Any = None  # the processor's output
-    failed: BaseException | None = None  # the exception the processor raised
-    too_long: list[Item] = field(default_factory=list)  # taken out of the batch: over the input limit
-
-
-def _prepare(captioner: Captioner, items: list[Item]) -> Batch:
-    """The processor's inputs for a batch. Rows over the input limit are taken out, with their status set,
-    and the rest prepared again (their padding changes), so the model never sees an over-long row."""
-    try:
-        inputs = captioner.prepare([i.image for i in items])
-        over = captioner.too_long(inputs)
-        if not over:
-            return Batch(items, inputs)
-        long = [items[row] for row in sorted(over)]
-        for row, item in zip(sorted(over), long, strict=True):
-            item.status, item.error = "too_long", over[row]
-        rest = [item for row, item in enumerate(items) if row not in over]
-        batch = _prepare(captioner, rest) if rest else Batch([])
-        batch.too_long = long + batch.too_long
-        return batch
-    except Exception as e:  # a processor error: retried by halves like a generation error
-        return Batch(items, failed=e)
-
-
-def prepared_batches(
-    captioner: Captioner,
-    config: CaptionConfig,
-    rows: list[int],
-    fetch: Callable[[int], bytes],
-    batch_size: int,
-    pool: ThreadPoolExecutor,
-) -> Iterator[Batch | Item]:
-    """Decoded images grouped into prepared batches, produced ahead of the consumer.
-
-    Decoding runs on ``pool`` about two batches ahead; the processor call for batch k+1 runs in its own
-    thread while the caller generates batch k. Images that fail to decode are yielded as plain Items."""
-    ahead = 2 * batch_size
-    decoded: list[Future[Item]] = []
-    prep = ThreadPoolExecutor(1, thread_name_prefix="caption-prepare")
-    pending: Future[Batch] | None = None
-    position = 0
-    try:
-        while position < len(rows) or decoded or pending is not None:
-            while position < len(rows) and len(decoded) < ahead + batch_size:
-                decoded.append(pool.submit(decode, fetch, rows[position], config))
-                position += 1
-            items: list[Item] = []
-            while decoded and len(items) < batch_size:
-                item = decoded.pop(0).result()
-                if item.image is None:
-                    yield item
-                else:
-                    items.append(item)
-            following = prep.submit(_prepare, captioner, items) if items else None
-            if pending is not None:
-                yield pending.result()
-            pending = following
-    finally:
-        prep.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass
-class Outcome:
-    generated: Generated | None
-    status: str
-    error: str | None
-
-
-def run_batch(captioner: Captioner, batch: Batch) -> list[tuple[Item, Outcome]]:
-    """Generate for a prepared batch; on an exception retry by halves down to single images. Rows taken
-    out as too long come back with their status."""
-    done = [(item, Outcome(None, item.status or "too_long", item.error)) for item in batch.too_long]
-    if not batch.items:
-        return done
-    try:
-        if batch.failed is not None:
-            raise batch.failed
-        outcomes = [_outcome(result) for result in captioner.generate(batch.inputs)]
-        return done + list(zip(batch.items, outcomes, strict=True))
-    except Exception as e:
-        oom = is_out_of_memory(e)
-        batch.inputs = None  # free the failed batch's tensors before retrying
-        if oom:
-            _free_accelerator_memory()
-        if len(batch.items) == 1:
-            return [
-                *done,
-                (batch.items[0], Outcome(None, "oom" if oom else "caption_error", f"{type(e).__name__}: {e}"[:2000])),
-            ]
-        half = len(batch.items) // 2
-        return [
-            *done,
-            *run_batch(captioner, _prepare(captioner, batch.items[:half])),
-            *run_batch(captioner, _prepare(captioner, batch.items[half:])),
-        ]
-
-
-def _outcome(result: Generated | Answer) -> Outcome:
-    if isinstance(result, Answer):  # a server's answer, or why there is none
-        if result.error is not None:
-            return Outcome(None, result.error.status, str(result.error)[:2000])
-        assert result.generated is not None
-        result = result.generated
-    return Outcome(result, "ok", None)
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def by_size(upstream: pa.Table, rows: list[int]) -> list[int]:
-    """Rows ordered by image area (then aspect), so a batch holds images with similar numbers of visual
-    tokens and little padding (Qwen2-VL and other dynamic-resolution models). Greedy captions do not
-    depend on batch composition, and output rows keep the shard's order."""
-    if "width" not in upstream.column_names or "height" not in upstream.column_names:
-        return rows
-    widths, heights = upstream["width"].to_pylist(), upstream["height"].to_pylist()
-
-    def size(i: int) -> tuple[int, float]:
-        w, h = widths[i] or 0, heights[i] or 0
-        return (w * h, w / h if h else 0.0)
-
-    return sorted(rows, key=size)
-
-
 def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner) -> ShardOutput:
     started = time.perf_counter()
     uri = context.upstream_shard(task.index)
@@ -411,7 +249,8 @@ def _caption_batches(
     wait = generate_seconds = 0.0
     batches = retried = fed = too_long = 0
     with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="caption-decode") as pool:
-        stream = prepared_batches(captioner, config, todo, fetch, batch_size, pool)
+        load = functools.partial(decode, fetch, max_pixels=config.max_pixels, max_side=config.max_image_side)
+        stream = prepared_batches(captioner, load, todo, batch_size, pool)
         while True:
             t0 = time.perf_counter()
             nxt = next(stream, None)
@@ -450,7 +289,7 @@ def _caption_stream(
     """The openai backend: every row a request, streamed to the servers (curate.caption.stream)."""
 
     def load(row: int) -> Image.Image | Failure:
-        item = decode(fetch, row, config)
+        item = decode(fetch, row, config.max_pixels, config.max_image_side)
         return item.image if item.image is not None else Failure(item.status or "decode_error", item.error or "")
 
     results, counters = captioner.caption(todo, load)
@@ -460,7 +299,7 @@ def _caption_stream(
             rows[row].update(status=result.status, error=result.error)
         else:
             fed += 1
-            rows[row].update(_caption_row(config, _outcome(result)))
+            rows[row].update(_caption_row(config, outcome_of(result)))
     return {
         "fed_to_model": fed,
         "requests": counters.requests,

@@ -16,10 +16,11 @@ its captions with one of two models:
 Faults, as real servers show them: the first N completions answered 503 (`unavailable_first`, a server still
 loading) or 500 (`error_first`); 429 above `reject_above` requests in flight (a server or gateway with a queue
 limit); a storm of 429s for M requests after the K-th (`storm_after`, `storm_count`); every request hanging after K
-completions (`hang_after`, a wedged GPU). A test can also change them on a running server (`POST /control` with
-fields of `Behaviour`, or `{"hang": true}`). `python -m curate.testing.openai_server --port P --served-model-name
-NAME ...` runs it as its own process, the way the caption stage starts vLLM from a command template; on SIGTERM it
-prints its `/stats` and exits.
+completions (`hang_after`, a wedged GPU); the process SIGKILLing itself at its K-th completion, before answering
+it (`kill_after`, a crashed engine; only where the server runs as its own process). A test can change them on a
+running server (`POST /control` with fields of `Behaviour`, or `{"hang": true}`). `python -m
+curate.testing.openai_server --port P --served-model-name NAME ...` runs it as its own process, the way the caption
+stage starts vLLM from a command template; on SIGTERM it prints its `/stats` and exits.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import signal
 import threading
 import time
@@ -58,6 +60,7 @@ class Behaviour:
     storm_after: int | None = None
     storm_count: int = 0
     hang_after: int | None = None
+    kill_after: int | None = None
 
 
 @dataclass
@@ -242,6 +245,9 @@ class CompletionServer:
             self.stats.last_end = time.time()
             if self.behaviour.hang_after is not None and self.stats.completed >= self.behaviour.hang_after:
                 self.hung.set()
+            if self.behaviour.kill_after is not None and self.stats.completed >= self.behaviour.kill_after:
+                print(f"killing this server (pid {os.getpid()}) at completion {self.stats.completed}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
         return 200, {
             "id": f"cmpl-{self.stats.completed}",
             "object": "chat.completion",
