@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import signal
 import socket
@@ -242,7 +241,3 @@ class ServerActor:
 
     def stop(self) -> dict[str, Any]:
         return self.server.stop()
-
-
-def read_status(uri: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(uri))
