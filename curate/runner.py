@@ -8,11 +8,14 @@ sees small result rows and a killed run resumes at the first shard without a mar
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +224,22 @@ def run_global_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDi
         results = run_phase(job, stage_dir, phase, log)
 
 
+@contextlib.contextmanager
+def stage_services(spec: StageSpec, job: StageJob, log=print) -> Iterator[StageJob]:
+    """The job, with what the stage's `services` yields (caption's inference servers) in its context, for as long
+    as the shards run; the services stop however the block ends (Ctrl-C included)."""
+    if spec.services is None:
+        yield job
+        return
+    name = job.context.stage_name
+    with contextlib.ExitStack() as stack:
+        try:
+            value = stack.enter_context(spec.services(job.config, job.context, lambda line: log(f"[{name}] {line}")))
+        except Exception as e:
+            raise RunError(f"stage {name!r}: {e}") from e
+        yield dataclasses.replace(job, context=dataclasses.replace(job.context, services=value))
+
+
 def expected_rows(stage: StageConfig, tasks: list[ShardTask], upstream: StageDir | None) -> dict[int, int]:
     """Rows each shard should have (for progress): the stage's own count when it has one, else one per input
     for sources and the upstream shard's rows for transforms."""
@@ -312,12 +331,13 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
             except Exception as e:
                 raise RunError(f"stage {name!r}: the global step failed; a re-run resumes it.\n{e}") from e
             storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
-        for result in _map_shards(spec, job, pending).iter_rows():
-            if result["ok"]:
-                progress.update(int(result["rows"]))
-            else:
-                failures[int(result["shard"])] = str(result["error"])
-                progress.update(0, ok=False)
+        with stage_services(spec, job, log) as job:
+            for result in _map_shards(spec, job, pending).iter_rows():
+                if result["ok"]:
+                    progress.update(int(result["rows"]))
+                else:
+                    failures[int(result["shard"])] = str(result["error"])
+                    progress.update(0, ok=False)
     if failures:
         first = next(iter(sorted(failures)))
         raise RunError(

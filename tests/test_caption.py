@@ -252,13 +252,13 @@ def test_sampling_is_reproducible_with_its_seed(sample_images, tiny_vlm, tmp_pat
 
 
 def test_openai_backend_against_a_server_on_localhost(odd_images, tiny_vlm, tmp_path):
-    """The HTTP backend against a real OpenAI-compatible server (on 127.0.0.1, serving the same tiny model):
+    """The OpenAI backend against a real OpenAI-compatible server (on 127.0.0.1, serving the same tiny model):
     same captions as the in-process backend, 503s retried, the processor's 400 becomes that row's status."""
     reference = caption_run(tmp_path, odd_images, tiny_vlm, batch_size=4)
     with CompletionServer(str(tiny_vlm), unavailable_first=2) as server:
         endpoint = (
-            f"    backend: openai\n    endpoint: {{base_url: '{server.base_url}', model: tiny-vlm, image_format: png,"
-            " max_concurrency: 3, retries: 4, backoff_s: 0.05}\n"
+            f"    backend: openai\n    endpoints: ['{server.base_url}']\n"
+            "    client: {model: tiny-vlm, image_format: png, max_in_flight: 3, retries: 4, backoff_s: 0.05}\n"
         )
         rows = caption_run(tmp_path, odd_images, tiny_vlm, batch_size=4, extra=endpoint, name="http")
     assert rows.keys() == reference.keys()
@@ -267,23 +267,25 @@ def test_openai_backend_against_a_server_on_localhost(odd_images, tiny_vlm, tmp_
         if expected["status"] == "caption_error":  # the sliver: refused by the server's processor
             assert row["status"] == "http_error" and "HTTP 400" in row["error"] and "aspect ratio" in row["error"]
             continue
-        assert row["captioner"] == f"tiny-vlm via {server.base_url}"
+        assert row["captioner"] == "tiny-vlm via openai"
         for column in ("status", "caption_synthetic", "caption_raw", "tokens_generated", "truncated"):
             assert row[column] == expected[column], (column, row, expected)
-    fed = sum(s["fed_to_model"] for s in markers(tmp_path / "http", "caption"))
-    assert server.requests == fed + 2  # every image once, plus the two answered 503 and retried
+    stats = markers(tmp_path / "http", "caption")
+    fed = sum(s["fed_to_model"] for s in stats)
+    assert server.requests == fed + 2  # every image once, plus the two answered 503 and sent again
+    assert sum(s["pushed_back"] for s in stats) == 2 and sum(s["retries"] for s in stats) == 0
 
 
 def test_openai_backend_gives_up_with_a_status(odd_images, tiny_vlm, tmp_path):
-    """A server that stays unavailable: every row gets http_error after the retries; the shard completes."""
-    with CompletionServer(str(tiny_vlm), unavailable_first=10_000) as server:
+    """A server that fails every request (500): each row gets http_error after its retries; the shard completes."""
+    with CompletionServer(str(tiny_vlm), error_first=10_000) as server:
         endpoint = (
-            f"    backend: openai\n    endpoint: {{base_url: '{server.base_url}', model: tiny-vlm,"
-            " retries: 1, backoff_s: 0.01}\n"
+            f"    backend: openai\n    endpoints: ['{server.base_url}']\n"
+            "    client: {model: tiny-vlm, retries: 1, backoff_s: 0.01}\n"
         )
         rows = caption_run(tmp_path, odd_images, tiny_vlm, batch_size=8, extra=endpoint, name="down")
     failed = [r for r in rows.values() if r["status"] == "http_error"]
-    assert failed and all("2 attempts failed" in r["error"] and "HTTP 503" in r["error"] for r in failed)
+    assert failed and all("2 attempts failed" in r["error"] and "HTTP 500" in r["error"] for r in failed)
     assert len(failed) + sum(r["status"] == NOT_OK_UPSTREAM for r in rows.values()) == len(rows)
     assert server.requests == 2 * len(failed)
 
@@ -292,9 +294,14 @@ def test_openai_backend_gives_up_with_a_status(odd_images, tiny_vlm, tmp_path):
 # units
 
 
-def test_openai_backend_needs_an_endpoint(tmp_path, sample_images, tiny_vlm):
-    with pytest.raises(ConfigError, match="backend openai needs an `endpoint`"):
+def test_openai_backend_needs_servers_or_endpoints(tmp_path, sample_images, tiny_vlm):
+    with pytest.raises(ConfigError, match="backend openai needs `servers`"):
         parse_pipeline(pipeline_text(tmp_path, sample_images, tiny_vlm, extra="    backend: openai\n"))
+    extra = "    backend: openai\n    endpoints: ['http://127.0.0.1:9/v1']\n"
+    with pytest.raises(ConfigError, match=r"client\.model: the served model name is needed"):
+        parse_pipeline(pipeline_text(tmp_path, sample_images, tiny_vlm, extra=extra))
+    with pytest.raises(ConfigError, match="client: only used with backend: openai"):
+        parse_pipeline(pipeline_text(tmp_path, sample_images, tiny_vlm, extra="    client: {model: m}\n"))
 
 
 def test_keep_from_must_be_joined(tmp_path, sample_images, tiny_vlm):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -141,9 +142,19 @@ def test_family_captions_a_shard(family, tiny, shard):
     # the model sees the image: not every caption is the same
     assert len({r["caption_raw"] for r in ok.values()}) > 1, ok
 
+    # the stage's text is the processor's own reference: apply_chat_template(tokenize=True) (or the task prompt
+    # through the processor) + generate with the model's generation config, one image at a time (the largest and
+    # the smallest image: a doubled BOS or a wrong special token changes random weights' text on any image)
+    images = shard_images(shard)
+    by_area = sorted(images, key=lambda k: images[k].width * images[k].height)
+    for key in (by_area[0], by_area[-1]):
+        image = images[key]
+        expected, truncated = reference_caption(captioner, entry["caption"], image)
+        assert batched[key]["caption_raw"] == expected, (family, key, batched[key]["caption_raw"], expected)
+        assert batched[key]["truncated"] == truncated, (family, key)
+
     # only new tokens are decoded: no prompt echo (the prompt's text as the model saw it, after the processor
     # expanded task tokens), never more than max_new_tokens
-    images = shard_images(shard)
     inputs = captioner.prepare([next(iter(images.values()))])
     seen = captioner.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True).split()
     assert seen, "the prompt the model saw has text"
@@ -166,6 +177,55 @@ def test_family_captions_a_shard(family, tiny, shard):
     assert extra["too_long"] == len(over) and extra["fed_to_model"] == len(ok) - len(over)
     for key in set(ok) - over:  # the others are captioned exactly as before
         assert rows[key]["caption_raw"] == batched[key]["caption_raw"]
+
+
+def reference_caption(captioner, caption_fields: dict, image: Image.Image) -> tuple[str, bool]:
+    """What the family's processor and model give for one image the way their model cards call them: the chat
+    template applied with `tokenize=True` (or the task prompt through the processor), `generate` with the model's
+    own generation config, the new tokens decoded. Truncated: the token budget ran out, with no end token or only
+    the one the generation config forces at the last step."""
+    processor, model = captioner.processor, captioner.model
+    if "task_prompt" in caption_fields:
+        inputs = processor(text=caption_fields["task_prompt"], images=image, return_tensors="pt")
+    else:
+        content = [{"type": "image", "image": image}, {"type": "text", "text": caption_fields["prompt"]}]
+        messages = [{"role": "user", "content": content}]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+    inputs.pop("labels", None)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
+    new = out[0, 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    end = next((i for i, t in enumerate(new) if t in eos), None)
+    forced = getattr(model.generation_config, "forced_eos_token_id", None) is not None
+    used = len(new) if end is None else end + 1
+    truncated = used == MAX_NEW_TOKENS and (end is None or forced)
+    return processor.decode(new if end is None else new[:end], skip_special_tokens=True), truncated
+
+
+def test_bos_is_written_once_and_forced_end_tokens_count_as_truncated(tiny):
+    """The families whose tokenizer adds BOS and whose template writes it (Gemma 3, LLaVA-NeXT's Mistral) get one
+    BOS, as apply_chat_template(tokenize=True) gives; Florence-2's forced end token marks a caption that ran out."""
+    from curate.caption.vlm import Captioner, GenerationOptions, LoadOptions
+    from curate.config import ModelSpec
+
+    image = Image.new("RGB", (64, 48), (120, 40, 200))
+    for family in ("gemma3", "llava_next"):
+        captioner = Captioner(ModelSpec(path=str(tiny[family])), LoadOptions(), GenerationOptions(prompt="Describe."))
+        tokenizer = captioner.tokenizer
+        assert tokenizer("a cat")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds BOS
+        assert captioner.text_prompt.startswith(tokenizer.bos_token)  # and the template writes it
+        ids = captioner.prepare([image])["input_ids"][0].tolist()
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, (family, ids[:4])
+    options = GenerationOptions(prompt="", task_prompt="<MORE_DETAILED_CAPTION>", max_new_tokens=3)
+    florence = Captioner(ModelSpec(path=str(tiny["florence2"])), LoadOptions(), options)
+    assert florence.model.generation_config.forced_eos_token_id == florence.tokenizer.eos_token_id
+    generated = florence.generate(florence.prepare([image]))[0]
+    # three new tokens: two of the model's and the forced end token, which is not the model's choice
+    assert generated.tokens == 2 and generated.truncated
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,5 +296,5 @@ def test_check_reads_hub_models_from_the_local_cache_only():
 
 
 def test_task_prompt_is_for_the_transformers_backend(tiny, tmp_path):
-    endpoint = {"backend": "openai", "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    endpoint = {"backend": "openai", "endpoints": ["http://127.0.0.1:9/v1"], "client": {"model": "m"}}
     check_fails(tmp_path, tiny["florence2"], {"task_prompt": "<CAPTION>", **endpoint}, "task_prompt and max_input")

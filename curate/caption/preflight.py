@@ -34,6 +34,7 @@ from curate.caption.drive import (
     model_inputs,
     padding_side,
     render_prompt,
+    text_kwargs,
 )
 from curate.caption.vlm import GenerationOptions, LoadOptions, load_source
 from curate.config import ModelSpec
@@ -148,6 +149,7 @@ def _probe(processor: Any, config: Any, options: GenerationOptions, side: int) -
                 padding=True,
                 padding_side=padding_side(config),
                 return_tensors="pt",
+                **text_kwargs(processor, text, options.task_prompt is None),
             )
         )
     except Exception as e:

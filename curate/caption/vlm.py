@@ -19,7 +19,14 @@ from typing import Any
 
 from PIL import Image
 
-from curate.caption.drive import input_limit, is_encoder_decoder, model_inputs, padding_side, render_prompt
+from curate.caption.drive import (
+    input_limit,
+    is_encoder_decoder,
+    model_inputs,
+    padding_side,
+    render_prompt,
+    text_kwargs,
+)
 from curate.config import ModelSpec
 
 
@@ -51,7 +58,7 @@ class LoadOptions:
 class Generated:
     text: str  # decoded new tokens, special tokens skipped, not cleaned
     tokens: int | None  # new tokens up to (not including) the end-of-sequence token; None: not reported
-    truncated: bool  # stopped by max_new_tokens rather than an end-of-sequence token
+    truncated: bool  # the token budget ran out: max_new_tokens generated without an end token of the model's choice
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -140,9 +147,12 @@ class Captioner:
         self.input_limit = input_limit(config, options.max_new_tokens, options.max_input_tokens)
         self.name = describe_model(spec, revision)
         self.generation_config = self._generation_config()
-        eos = self.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids = _ids(self.generation_config.eos_token_id)
+        # an end token the generation config forces at the last step (BART's, so Florence-2's) is not the model's
+        # choice: a caption ending there ran out of tokens
+        self.forced_eos_ids = _ids(getattr(self.generation_config, "forced_eos_token_id", None))
         self.text_prompt = render_prompt(self.processor, options.prompt, options.system_prompt, options.task_prompt)
+        self.from_template = options.task_prompt is None
 
     def _generation_config(self):
         """The model's own generation config with the stage's settings on top (greedy unless asked)."""
@@ -169,13 +179,16 @@ class Captioner:
 
     def prepare(self, images: list[Image.Image], text_prompt: str | None = None) -> Any:
         """Model inputs for a batch, on CPU (pinned when going to a GPU). Each image is its own sample, so
-        processors that tile or resize per image (any-resolution, image splitting) see it alone."""
+        processors that tile or resize per image (any-resolution, image splitting) see it alone. Special tokens as
+        `apply_chat_template(tokenize=True)` adds them (`drive.text_kwargs`)."""
+        text = text_prompt or self.text_prompt
         inputs = self.processor(
             images=[[image] for image in images],
-            text=[text_prompt or self.text_prompt] * len(images),
+            text=[text] * len(images),
             padding=True,
             padding_side=self.padding_side,
             return_tensors="pt",
+            **text_kwargs(self.processor, text, text_prompt is not None or self.from_template),
         )
         inputs = model_inputs(inputs)
         if self.device.startswith("cuda"):
@@ -223,10 +236,17 @@ class Captioner:
             out = self.model.generate(**moved, generation_config=config)
         new = out[:, start:].cpu().tolist()
         results = []
+        budget = config.max_new_tokens
         for ids in new:
             end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
             kept = ids if end is None else ids[:end]
             text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            truncated = end is None and len(ids) >= config.max_new_tokens
-            results.append(Generated(text, len(kept), truncated))
+            used = len(ids) if end is None else end + 1
+            forced = end == budget - 1 and ids[end] in self.forced_eos_ids
+            results.append(Generated(text, len(kept), used >= budget and (end is None or forced)))
         return results
+
+
+def _ids(value: Any) -> set[int]:
+    """Token ids of a generation config entry (an id, a list of ids, or None)."""
+    return set(value if isinstance(value, list) else [value] if value is not None else [])

@@ -2,19 +2,23 @@
 
 SD3 trained on 50% original and 50% synthetic (CogVLM) captions; this stage writes the synthetic ones.
 It reads an image shard (its `input`) and, with `keep_from`, the keep flags of a joined stage (dedup):
-only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). Inside an actor
-(the model loaded once by `setup`), images are decoded in a thread pool and each batch is preprocessed
-in a background thread while the model generates the previous one. Rows whose prompt + image tokens exceed
-the model's input limit get `too_long` before the model sees them. A batch that raises is retried by
-halves down to single images; a single image that still fails gets a status, and the run goes on.
+only rows that are `ok` upstream and kept are fed to the model (rule in `curate.keep`). With the transformers
+backend the model is loaded once per actor (`setup`) and fed in batches (`curate.caption.batches`).
+
+With `backend: openai` the model runs on inference servers (vLLM, SGLang): the stage starts them for its whole
+run (`servers`) or uses the user's (`endpoints`), checks they serve the model before any row is sent
+(`services`), and each worker streams its shard's images to all of them (`curate.caption.stream`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -22,11 +26,15 @@ from PIL import Image
 from pydantic import Field, PositiveInt, model_validator
 
 from curate import storage
-from curate.caption.http import Endpoint, HttpCaptioner, HttpResult
+from curate.caption.batches import Item, Outcome, by_size, decode, outcome_of, prepared_batches, run_batch
+from curate.caption.client import ClientConfig
+from curate.caption.drive import model_pixel_budget
+from curate.caption.servers import ServersConfig, serving
+from curate.caption.stream import Failure, StreamCaptioner
 from curate.caption.text import clean_caption
-from curate.caption.vlm import Captioner, Generated, GenerationOptions, LoadOptions, is_out_of_memory
+from curate.caption.vlm import Captioner, GenerationOptions, LoadOptions
 from curate.config import ModelSpec, StageConfig
-from curate.images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from curate.images import DEFAULT_MAX_PIXELS
 from curate.keep import check_keep_from, keep_table_for, select_rows
 from curate.runfolder import ShardTask
 from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per_upstream_shard
@@ -51,10 +59,12 @@ CAPTION_SCHEMA = pa.schema(
 class CaptionConfig(StageConfig):
     kind: Literal["caption"]
 
-    # transformers: the pipeline's `captioner` model in each actor; openai: an OpenAI-compatible server
-    # (vLLM, SGLang) at `endpoint`, which holds the model
+    # transformers: the pipeline's `captioner` model in each actor; openai: OpenAI-compatible servers (vLLM,
+    # SGLang) that hold the model: `servers` the stage runs for its duration, or `endpoints` the user runs
     backend: Literal["transformers", "openai"] = "transformers"
-    endpoint: Endpoint | None = None
+    servers: ServersConfig | None = None
+    endpoints: tuple[str, ...] = ()  # base URLs ending in /v1, e.g. http://gpu-node-1:8000/v1
+    client: ClientConfig = ClientConfig()
     prompt: str = DEFAULT_PROMPT  # the instruction, put in the model's chat template with the image
     system_prompt: str | None = None
     # the whole prompt, used as it is without a chat template: for models trained on task prompts and
@@ -84,11 +94,24 @@ class CaptionConfig(StageConfig):
     @model_validator(mode="after")
     def _keep_source_is_joined(self) -> CaptionConfig:
         check_keep_from(self.keep_from, self.join)
-        if self.backend == "openai" and self.endpoint is None:
-            raise ValueError("backend openai needs an `endpoint` (base_url, model)")
-        if self.backend == "transformers" and self.endpoint is not None:
-            raise ValueError("`endpoint` is only used with backend: openai")
-        if self.backend == "openai" and (self.task_prompt is not None or self.max_input_tokens is not None):
+        if self.backend == "transformers":
+            given = [f for f in ("servers", "endpoints", "client") if f in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with backend: openai")
+            return self
+        if (self.servers is None) == (not self.endpoints):
+            raise ValueError("backend openai needs `servers` (the stage runs them) or `endpoints` (you run them)")
+        if self.endpoints and self.client.model is None:
+            raise ValueError("client.model: the served model name is needed with `endpoints`")
+        bad = [u for u in self.endpoints if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"endpoints: not http(s) URLs: {', '.join(bad)}")
+        if self.servers is not None and self.resources.num_gpus:
+            raise ValueError(
+                "resources.num_gpus: the servers hold the GPUs (servers.num_gpus); the stage's workers only send "
+                "requests, so give them none"
+            )
+        if self.task_prompt is not None or self.max_input_tokens is not None:
             raise ValueError(
                 "task_prompt and max_input_tokens are for backend: transformers (an OpenAI-compatible server "
                 "applies the model's chat template to `prompt` and refuses over-long inputs itself)"
@@ -98,6 +121,23 @@ class CaptionConfig(StageConfig):
     @property
     def model_roles(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("captioner",) if self.backend == "transformers" else ()
+
+    @property
+    def served_model(self) -> str:
+        """The model name requests ask for (and `/v1/models` must list)."""
+        name = self.client.model or (self.servers.served_name if self.servers else None)
+        assert name is not None
+        return name
+
+    def fingerprint(self) -> str:
+        """As every stage's, less the settings that decide no caption: where the servers run and how hard the
+        client presses them may change between resumed runs, the model and the generation settings may not."""
+        exclude: dict[str, Any] = {"resources": True, "name": True, "endpoints": True}
+        exclude["client"] = set(ClientConfig.operational)
+        if self.servers is not None:
+            exclude["servers"] = set(ServersConfig.operational)
+        data = self.model_dump(exclude=exclude, mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def prompt_column(self) -> str:
@@ -136,175 +176,30 @@ class CaptionConfig(StageConfig):
         )
 
 
-def setup(config: CaptionConfig, context: WorkContext) -> Captioner | HttpCaptioner:
+def services(config: CaptionConfig, context: WorkContext, log: Callable[[str], None]):
+    """The inference servers for the whole stage (none for the transformers backend): their URLs reach every
+    worker as `context.services`."""
+    if config.backend != "openai":
+        return contextlib.nullcontext(None)
+    logs = storage.join(context.run_uri, context.stage_name, "_servers")
+    return serving(config.servers, list(config.endpoints), config.served_model, logs, log)
+
+
+def setup(config: CaptionConfig, context: WorkContext) -> Captioner | StreamCaptioner:
     if config.backend == "openai":
-        assert config.endpoint is not None
-        return HttpCaptioner(config.endpoint, config.generation())
+        urls = list(context.services or config.endpoints)
+        budget = None
+        if config.client.max_image_pixels is None and config.servers is not None:
+            budget = model_pixel_budget(config.servers.model)
+        via = config.servers.engine if config.servers is not None else "openai"
+        name = f"{config.served_model} via {via}"
+        return StreamCaptioner(
+            urls, config.served_model, config.generation(), config.client, name, config.decode_threads, budget
+        )
     return Captioner(context.models["captioner"], config.loading(), config.generation())
 
 
-# ----------------------------------------------------------------------------------------------------
-# decoding and batching
-
-
-@dataclass
-class Item:
-    row: int  # index in the upstream shard
-    image: Image.Image | None = None
-    status: str | None = None  # set when the image could not be decoded here
-    error: str | None = None
-
-
-def decode(fetch: Callable[[int], bytes], row: int, config: CaptionConfig) -> Item:
-    """Bytes of one row (fetched here, so a shard's images are not all copied out of Arrow at once) into
-    the size-capped RGB image the model sees; any failure becomes the row's status."""
-    try:
-        image = open_image(fetch(row), config.max_pixels).image
-        if config.max_image_side and max(image.size) > config.max_image_side:
-            image.thumbnail((config.max_image_side, config.max_image_side), Image.Resampling.BICUBIC)
-    except ImageError as e:
-        return Item(row, status=e.status, error=e.message)
-    except Exception as e:
-        return Item(row, status="decode_error", error=f"{type(e).__name__}: {e}"[:2000])
-    return Item(row, image)
-
-
-@dataclass
-class Batch:
-    items: list[Item]
-    inputs: Any = None  # the processor's output
-    failed: BaseException | None = None  # the exception the processor raised
-    too_long: list[Item] = field(default_factory=list)  # taken out of the batch: over the input limit
-
-
-def _prepare(captioner: Captioner | HttpCaptioner, items: list[Item]) -> Batch:
-    """The processor's inputs for a batch. Rows over the input limit are taken out, with their status set,
-    and the rest prepared again (their padding changes), so the model never sees an over-long row."""
-    try:
-        inputs = captioner.prepare([i.image for i in items])
-        over = captioner.too_long(inputs)
-        if not over:
-            return Batch(items, inputs)
-        long = [items[row] for row in sorted(over)]
-        for row, item in zip(sorted(over), long, strict=True):
-            item.status, item.error = "too_long", over[row]
-        rest = [item for row, item in enumerate(items) if row not in over]
-        batch = _prepare(captioner, rest) if rest else Batch([])
-        batch.too_long = long + batch.too_long
-        return batch
-    except Exception as e:  # a processor error: retried by halves like a generation error
-        return Batch(items, failed=e)
-
-
-def prepared_batches(
-    captioner: Captioner | HttpCaptioner,
-    config: CaptionConfig,
-    rows: list[int],
-    fetch: Callable[[int], bytes],
-    batch_size: int,
-    pool: ThreadPoolExecutor,
-) -> Iterator[Batch | Item]:
-    """Decoded images grouped into prepared batches, produced ahead of the consumer.
-
-    Decoding runs on ``pool`` about two batches ahead; the processor call for batch k+1 runs in its own
-    thread while the caller generates batch k. Images that fail to decode are yielded as plain Items."""
-    ahead = 2 * batch_size
-    decoded: list[Future[Item]] = []
-    prep = ThreadPoolExecutor(1, thread_name_prefix="caption-prepare")
-    pending: Future[Batch] | None = None
-    position = 0
-    try:
-        while position < len(rows) or decoded or pending is not None:
-            while position < len(rows) and len(decoded) < ahead + batch_size:
-                decoded.append(pool.submit(decode, fetch, rows[position], config))
-                position += 1
-            items: list[Item] = []
-            while decoded and len(items) < batch_size:
-                item = decoded.pop(0).result()
-                if item.image is None:
-                    yield item
-                else:
-                    items.append(item)
-            following = prep.submit(_prepare, captioner, items) if items else None
-            if pending is not None:
-                yield pending.result()
-            pending = following
-    finally:
-        prep.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass
-class Outcome:
-    generated: Generated | None
-    status: str
-    error: str | None
-
-
-def run_batch(captioner: Captioner | HttpCaptioner, batch: Batch) -> list[tuple[Item, Outcome]]:
-    """Generate for a prepared batch; on an exception retry by halves down to single images. Rows taken
-    out as too long come back with their status."""
-    done = [(item, Outcome(None, item.status or "too_long", item.error)) for item in batch.too_long]
-    if not batch.items:
-        return done
-    try:
-        if batch.failed is not None:
-            raise batch.failed
-        outcomes = [_outcome(result) for result in captioner.generate(batch.inputs)]
-        return done + list(zip(batch.items, outcomes, strict=True))
-    except Exception as e:
-        oom = is_out_of_memory(e)
-        batch.inputs = None  # free the failed batch's tensors before retrying
-        if oom:
-            _free_accelerator_memory()
-        if len(batch.items) == 1:
-            return [
-                *done,
-                (batch.items[0], Outcome(None, "oom" if oom else "caption_error", f"{type(e).__name__}: {e}"[:2000])),
-            ]
-        half = len(batch.items) // 2
-        return [
-            *done,
-            *run_batch(captioner, _prepare(captioner, batch.items[:half])),
-            *run_batch(captioner, _prepare(captioner, batch.items[half:])),
-        ]
-
-
-def _outcome(result: Generated | HttpResult) -> Outcome:
-    if isinstance(result, HttpResult):  # the HTTP backend reports per-request failures itself
-        if result.error is not None:
-            return Outcome(None, result.error.status, str(result.error)[:2000])
-        result = result.generated
-    return Outcome(result, "ok", None)
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def by_size(upstream: pa.Table, rows: list[int]) -> list[int]:
-    """Rows ordered by image area (then aspect), so a batch holds images with similar numbers of visual
-    tokens and little padding (Qwen2-VL and other dynamic-resolution models). Greedy captions do not
-    depend on batch composition, and output rows keep the shard's order."""
-    if "width" not in upstream.column_names or "height" not in upstream.column_names:
-        return rows
-    widths, heights = upstream["width"].to_pylist(), upstream["height"].to_pylist()
-
-    def size(i: int) -> tuple[int, float]:
-        w, h = widths[i] or 0, heights[i] or 0
-        return (w * h, w / h if h else 0.0)
-
-    return sorted(rows, key=size)
-
-
-def process(
-    config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner | HttpCaptioner
-) -> ShardOutput:
+def process(config: CaptionConfig, task: ShardTask, context: WorkContext, captioner: Captioner) -> ShardOutput:
     started = time.perf_counter()
     uri = context.upstream_shard(task.index)
     sizes = [c for c in ("width", "height") if c in storage.parquet_file(uri).schema_arrow.names]
@@ -318,17 +213,44 @@ def process(
         for key, s in zip(keys, selection.skip, strict=True)
     ]
     image_column = upstream["image"]
-    todo = by_size(upstream, selection.process)
+    fetch = lambda i: image_column[i].as_py()  # noqa: E731
+    if isinstance(captioner, StreamCaptioner):
+        extra = _caption_stream(config, captioner, selection.process, fetch, rows)
+    else:
+        extra = _caption_batches(config, captioner, by_size(upstream, selection.process), fetch, rows, task.index)
+    table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
+    generated = [r for r in rows if r.get("caption_raw") is not None]
+    extra = {
+        "fed_to_model": extra.pop("fed_to_model"),
+        "too_long": extra.pop("too_long", 0),
+        "captioned": sum(1 for r in rows if r.get("status") == "ok"),
+        "tokens_generated": sum(r["tokens_generated"] or 0 for r in generated),
+        "truncated": sum(1 for r in generated if r.get("truncated")),
+        **extra,
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+    return ShardOutput(table, extra)
+
+
+def _caption_batches(
+    config: CaptionConfig,
+    captioner: Captioner,
+    todo: list[int],
+    fetch: Callable[[int], bytes],
+    rows: list[dict[str, Any]],
+    shard: int,
+) -> dict[str, Any]:
+    """The transformers backend: prepared batches through the model in this actor."""
     batch_size = config.resources.batch_size or 8
-    if config.do_sample and config.backend == "transformers":
+    if config.do_sample:
         import torch
 
-        torch.manual_seed(config.seed + task.index)
-
+        torch.manual_seed(config.seed + shard)
     wait = generate_seconds = 0.0
     batches = retried = fed = too_long = 0
     with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="caption-decode") as pool:
-        stream = prepared_batches(captioner, config, todo, lambda i: image_column[i].as_py(), batch_size, pool)
+        load = functools.partial(decode, fetch, max_pixels=config.max_pixels, max_side=config.max_image_side)
+        stream = prepared_batches(captioner, load, todo, batch_size, pool)
         while True:
             t0 = time.perf_counter()
             nxt = next(stream, None)
@@ -347,21 +269,50 @@ def process(
             retried += nxt.failed is not None or any(o.status in ("caption_error", "oom") for _, o in results)
             for item, outcome in results:
                 rows[item.row].update(_caption_row(config, outcome))
-    table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
-    generated = [r for r in rows if r.get("caption_raw") is not None]
-    extra = {
+    return {
         "fed_to_model": fed,
         "too_long": too_long,
-        "captioned": sum(1 for r in rows if r.get("status") == "ok"),
-        "tokens_generated": sum(r["tokens_generated"] or 0 for r in generated),
-        "truncated": sum(1 for r in generated if r.get("truncated")),
         "batches": batches,
         "batches_retried": retried,
         "generate_seconds": round(generate_seconds, 4),
         "input_wait_seconds": round(wait, 4),
-        "seconds": round(time.perf_counter() - started, 4),
     }
-    return ShardOutput(table, extra)
+
+
+def _caption_stream(
+    config: CaptionConfig,
+    captioner: StreamCaptioner,
+    todo: list[int],
+    fetch: Callable[[int], bytes],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The openai backend: every row a request, streamed to the servers (curate.caption.stream)."""
+
+    def load(row: int) -> Image.Image | Failure:
+        item = decode(fetch, row, config.max_pixels, config.max_image_side)
+        return item.image if item.image is not None else Failure(item.status or "decode_error", item.error or "")
+
+    results, counters = captioner.caption(todo, load)
+    fed = 0
+    for row, result in results.items():
+        if isinstance(result, Failure):
+            rows[row].update(status=result.status, error=result.error)
+        else:
+            fed += 1
+            rows[row].update(_caption_row(config, outcome_of(result)))
+    return {
+        "fed_to_model": fed,
+        "requests": counters.requests,
+        "retries": counters.retries,
+        "pushed_back": counters.pushed_back,
+        "timeouts": counters.timeouts,
+        "moved": counters.moved,
+        "server_downs": counters.server_downs,
+        "in_flight_peak": counters.in_flight_peak,
+        "window_min": min(s.window.lowest for s in captioner.servers),
+        "generate_seconds": counters.seconds,
+        "input_wait_seconds": counters.input_wait_seconds,
+    }
 
 
 def _caption_row(config: CaptionConfig, outcome: Outcome) -> dict[str, Any]:
@@ -384,16 +335,24 @@ def describe(config: CaptionConfig) -> str:
     keep = f"; skips keep=false rows of {config.keep_from}" if config.keep_from else ""
     mode = "greedy" if not config.do_sample else "sampling"
     prompt = f"task prompt {config.task_prompt!r}" if config.task_prompt is not None else f"prompt {config.prompt!r}"
-    return f"{prompt}, {config.max_new_tokens} new tokens, {mode}{keep}"
+    where = ""
+    if config.servers is not None:
+        s = config.servers
+        many = {"auto": f"one per {s.num_gpus:g} GPUs", "per_node": "one per node"}.get(str(s.replicas), s.replicas)
+        where = f"; on {s.engine} servers of {s.model} ({many}, {s.num_gpus:g} GPUs each)"
+    elif config.endpoints:
+        where = f"; on {len(config.endpoints)} servers you run ({config.served_model})"
+    return f"{prompt}, {config.max_new_tokens} new tokens, {mode}{keep}{where}"
 
 
 SPEC = StageSpec(
     kind="caption",
     config=CaptionConfig,
-    summary="synthetic captions from a vision-language model (transformers), beside the original captions",
+    summary="synthetic captions from a vision-language model (transformers or inference servers), beside the originals",
     schema=CAPTION_SCHEMA,
     plan=one_task_per_upstream_shard,
     process=process,
     setup=setup,
     describe_inputs=describe,
+    services=services,
 )

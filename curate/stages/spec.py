@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ class WorkContext:
     upstream_uri: str | None
     models: dict[str, ModelSpec] = field(default_factory=dict)
     joined_uris: dict[str, str] = field(default_factory=dict)  # joined stage name -> its folder
+    services: Any = None  # what the stage's `services` yielded (caption: its inference servers' URLs)
 
     def upstream_shard(self, index: int) -> str:
         assert self.upstream_uri is not None, "a source stage has no upstream"
@@ -75,6 +77,10 @@ class StageSpec:
     # every shard has its marker and before `_SUCCESS.json`, which keeps its summary under "finish"; a stage
     # whose closing step failed is not complete, so a re-run retries only that step.
     finish: Callable[[Any, StageDir | None, StageDir, WorkContext], dict[str, Any]] | None = None
+    # (config, context, log) -> a context manager around the stage's shard work (caption's inference servers,
+    # started before the first shard and stopped after the last or when the run stops); what it yields reaches
+    # every worker as `WorkContext.services`
+    services: Callable[[Any, WorkContext, Callable[[str], None]], AbstractContextManager[Any]] | None = None
 
 
 def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:

@@ -189,7 +189,7 @@ def build_llava_next(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
 
     tokenizer = bpe_tokenizer(
         ["<image>"], eos="</s>", pad="<unk>", bos="<s>", unk="<unk>", named={"image_token": "<image>"}, add_bos=True
-    )
+    )  # Mistral's tokenizer adds <s>, and its chat template writes it too
     crop = {"height": ANYRES_TILE, "width": ANYRES_TILE}
     processor = tf.LlavaNextProcessor(
         tf.LlavaNextImageProcessor(size={"shortest_edge": ANYRES_TILE}, crop_size=crop, image_grid_pinpoints=PINPOINTS),
@@ -197,7 +197,7 @@ def build_llava_next(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
         patch_size=ANYRES_PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=chat_template(user="[INST] ", end=" [/INST]", assistant="", image="<image>\n"),
+        chat_template=chat_template(bos="<s>", user="[INST] ", end=" [/INST]", assistant="", image="<image>\n"),
     )
     vision = vision_config(ANYRES_TILE, ANYRES_PATCH, model_type="clip_vision_model", projection_dim=32)
     config = tf.LlavaNextConfig(
@@ -212,7 +212,8 @@ def build_llava_next(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
 
 def build_gemma3(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
     """Gemma 3: SigLIP features pooled to a fixed number of soft tokens between <start_of_image> and
-    <end_of_image>; turns end with <end_of_turn>."""
+    <end_of_image>; turns end with <end_of_turn>. As Gemma's own, the tokenizer adds <bos> and the chat template
+    writes it as well (apply_chat_template(tokenize=True) keeps one)."""
     import transformers as tf
 
     tokenizer = bpe_tokenizer(
@@ -222,6 +223,7 @@ def build_gemma3(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
         bos="<bos>",
         unk="<unk>",
         named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        add_bos=True,
     )
     image_size, patch, tokens = 64, 16, 4  # 4x4 patches pooled to 2x2 soft tokens
     template = chat_template(
@@ -351,7 +353,8 @@ def build_paligemma(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
 
 
 def build_florence2(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
-    """Florence-2: a DaViT encoder and a BART encoder-decoder; task-token prompts (`<MORE_DETAILED_CAPTION>`)."""
+    """Florence-2: a DaViT encoder and a BART encoder-decoder; task-token prompts (`<MORE_DETAILED_CAPTION>`). Its
+    generation config forces the end token at the last step, as BART's (and the real checkpoints') does."""
     import transformers as tf
 
     tokenizer = bpe_tokenizer(
@@ -387,7 +390,8 @@ def build_florence2(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
         "forced_eos_token_id": None,
     }
     config = tf.Florence2Config(vision_config=vision, text_config=text, image_token_id=processor.image_token_id)
-    return save(tf.Florence2ForConditionalGeneration, config, processor, folder, seed=seed, eos=tokenizer.eos_token_id)
+    model_class = tf.Florence2ForConditionalGeneration
+    return save(model_class, config, processor, folder, seed=seed, eos=tokenizer.eos_token_id, forced_eos=True)
 
 
 # model_type (as config.json names it) -> builder

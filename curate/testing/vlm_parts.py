@@ -141,13 +141,22 @@ def vision_config(image_size: Any, patch: Any, **extra: Any) -> dict[str, Any]:
 
 
 def save(
-    model_class: Any, config: Any, processor: Any, folder: Path, *, seed: int, eos: int, embed_scale: float = 1.0
+    model_class: Any,
+    config: Any,
+    processor: Any,
+    folder: Path,
+    *,
+    seed: int,
+    eos: int,
+    embed_scale: float = 1.0,
+    forced_eos: bool = False,
 ) -> Path:
     """Random weights for ``config``, made to route the image into the text, saved with the processor.
 
     Matrices the architecture initialises to zero (Gemma 3's image projection) are drawn at random, and for
     families that multiply token embeddings by sqrt(hidden) (Gemma) the embeddings are scaled by
-    ``embed_scale``: otherwise the last prompt token decides every caption and the image none."""
+    ``embed_scale``: otherwise the last prompt token decides every caption and the image none. ``forced_eos``:
+    the generation config forces the end token at the last step (`forced_eos_token_id`, BART's)."""
     import torch
 
     torch.manual_seed(seed)
@@ -161,6 +170,8 @@ def save(
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.do_sample = False
+    if forced_eos:
+        model.generation_config.forced_eos_token_id = eos
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
