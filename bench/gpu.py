@@ -246,11 +246,23 @@ def table_line(row: Row, peak: float) -> str:
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
+def print_floors(sizes: Sizes, peak: float) -> None:
+    """Each model's FLOPs per item (counted on meta) and its floor: GPU-hours per 1e8 items at the whole peak."""
+    from gpu_flops import all_flops
+
+    print(f"# FLOPs per item at --size {sizes.name} (FlopCounterMode, meta tensors); floor at {peak:.0f} TFLOP/s")
+    print("| model | per | parameters | GFLOP | floor: GPU-hours per 1e8 |\n| --- | --- | ---: | ---: | ---: |")
+    for name, unit, flops, parameters in all_flops(sizes):
+        floor = 1e8 * flops / (peak * 1e12) / 3600
+        print(f"| {name} | {unit} | {parameters / 1e6:,.0f}M | {flops / 1e9:,.1f} | {floor:,.2f} |")
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--dry-run", action="store_true", help="real sizes: build each model once, one batch each")
+    parser.add_argument("--flops-only", action="store_true", help="FLOPs per item of each model (meta), and floors")
     parser.add_argument("--budget-s", type=float, default=None, help="the whole run's seconds (default: none)")
     parser.add_argument("--only", default=",".join(STAGES), help=f"comma-separated rows of {','.join(STAGES)}")
     parser.add_argument("--cpus", type=int, default=None, help="decode threads and actor CPUs (default: all)")
@@ -270,6 +282,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.dry_run and args.size != "real":
         parser.error("--dry-run builds the real sizes: use it with --size real")
     sizes = dry_sizes() if args.dry_run else {"tiny": TINY, "real": REAL}[args.size]
+    if args.flops_only:
+        print_floors(sizes, args.peak_tflops or 989.0)
+        return []
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)

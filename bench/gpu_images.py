@@ -22,6 +22,7 @@ from gpu_common import (
     pool_captions,
     pool_images,
 )
+from gpu_flops import encode_flops, score_flops, sscd_flops
 
 
 @dataclass
@@ -86,7 +87,7 @@ def bench_sscd(ctx: Ctx, budget_end: float) -> list[Row]:
     from curate.config import ModelSpec
     from curate.stages.spec import WorkContext
     from curate.stages.sscd import SscdConfig, process, setup
-    from curate.testing.tiny_sscd import build_sscd_torchscript, sscd_module
+    from curate.testing.tiny_sscd import build_sscd_torchscript
 
     s = ctx.sizes
     path = build_sscd_torchscript(ctx.work / "sscd.torchscript.pt", s.sscd_trunk)  # type: ignore[arg-type]
@@ -113,9 +114,7 @@ def bench_sscd(ctx: Ctx, budget_end: float) -> list[Row]:
         return clock(ctx, run)[0]
 
     got = measure(ctx, budget_end, s.sscd_batch, s.sscd_items, stage, bare)
-    with torch.device("meta"):
-        model = sscd_module(s.sscd_trunk)  # type: ignore[arg-type]
-        flops = count_flops(lambda: model(torch.empty(1, 3, s.sscd_size, s.sscd_size)))
+    flops, _ = sscd_flops(s)
     return [
         Row(
             "sscd",
@@ -134,29 +133,21 @@ def bench_sscd(ctx: Ctx, budget_end: float) -> list[Row]:
 # -- score -----------------------------------------------------------------------------------------------------------
 
 
-def _clip_models(ctx: Ctx) -> tuple[dict[str, Any], Any]:
-    """The clip_scorer and two heads (LAION aesthetic MLP, linear NSFW) as files; and a builder of the same
-    architecture on the current device (meta: FLOPs)."""
+def _clip_models(ctx: Ctx) -> dict[str, Any]:
+    """The clip_scorer and two heads (LAION aesthetic MLP, linear NSFW) as files, as model specs."""
     import torch
 
     from curate.config import ModelSpec
-    from curate.testing.tiny_clip import build_tiny_clip, laion_mlp, tiny_clip_config
+    from curate.testing.tiny_clip import build_tiny_clip, laion_mlp
 
     arch = ctx.sizes.clip
     if arch == "tiny":
         paths = build_tiny_clip(ctx.models or ctx.work / "clip")
-        models = {
+        return {
             "clip_scorer": ModelSpec(path=str(paths["clip"])),
             "aesthetic_head": ModelSpec(path=str(paths["aesthetic"])),
             "nsfw_head": ModelSpec(path=str(paths["nsfw"])),
         }
-
-        def build() -> Any:
-            import open_clip
-
-            return open_clip.CLIP(**tiny_clip_config())
-
-        return models, build
 
     import open_clip
     from safetensors.torch import save_file
@@ -170,12 +161,11 @@ def _clip_models(ctx: Ctx) -> tuple[dict[str, Any], Any]:
     del model
     torch.save(laion_mlp(width).state_dict(), folder / "aesthetic.pth")
     torch.save(torch.nn.Linear(width, 1).state_dict(), folder / "nsfw.pth")
-    models = {
+    return {
         "clip_scorer": ModelSpec(path=str(folder / "model.safetensors"), architecture=arch),
         "aesthetic_head": ModelSpec(path=str(folder / "aesthetic.pth")),
         "nsfw_head": ModelSpec(path=str(folder / "nsfw.pth")),
     }
-    return models, lambda: open_clip.create_model(arch, device="meta")
 
 
 def bench_score(ctx: Ctx, budget_end: float) -> list[Row]:
@@ -186,7 +176,7 @@ def bench_score(ctx: Ctx, budget_end: float) -> list[Row]:
     from curate.stages.spec import WorkContext
 
     s = ctx.sizes
-    models, build = _clip_models(ctx)
+    models = _clip_models(ctx)
     config = ScoreConfig(kind="score", decode_threads=ctx.cpus, resources=_resources(ctx, s.score_batch))
     context = WorkContext(ctx.run_uri, "score", ctx.ingest_uri, models)
     state = setup(config, context)
@@ -214,11 +204,7 @@ def bench_score(ctx: Ctx, budget_end: float) -> list[Row]:
         return clock(ctx, run)[0]
 
     got = measure(ctx, budget_end, s.score_batch, s.score_items, stage, bare)
-    with torch.device("meta"):
-        meta = build()
-        flops = count_flops(
-            lambda: (meta.encode_image(torch.empty(1, 3, side, side)), meta.encode_text(tokens[:1].to("meta")))
-        )
+    flops, _ = score_flops(s)
     return [
         Row(
             "score",
@@ -249,21 +235,6 @@ def _sd3_folder(ctx: Ctx):
     return build_tiny_sd3(ctx.work / "sd3", s.sd3, device=ctx.device, dtype=s.dtype)
 
 
-def _meta_encoders(folder) -> dict[str, Any]:
-    """The same architectures from the saved configs, on the meta device (FLOPs without weights)."""
-    import torch
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    with torch.device("meta"):
-        return {
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae"))),
-            "clip_l": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
-            "clip_g": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
-            "t5": T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_3")),
-        }
-
-
 def bench_encode(ctx: Ctx, budget_end: float) -> list[Row]:
     import time
 
@@ -292,7 +263,8 @@ def bench_encode(ctx: Ctx, budget_end: float) -> list[Row]:
 
     state = setup(config_for(*s.encode[0][:2]), context)
     text, vae, device = state.text, state.vae, state.device
-    meta = _meta_encoders(folder)
+    flops = {name: f for name, (f, _) in encode_flops(s).items()}
+    text_flops = {role: flops[role] for role in ENCODERS}
     ids_of = {}
     for role, tokenizer, length in (
         ("clip_l", text.tokenizer_l, 77),
@@ -302,10 +274,6 @@ def bench_encode(ctx: Ctx, budget_end: float) -> list[Row]:
         ids_of[role] = lambda n, tok=tokenizer, length=length: tok(
             pool_captions(ctx, n), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
-    text_flops = {
-        role: count_flops(lambda m=meta[role], role=role: m(ids_of[role](1).to("meta"), output_hidden_states=True))
-        for role in ENCODERS
-    }
     shard = _shards(ctx)
     rows: list[Row] = []
     parts: dict[str, float] = {}
@@ -336,7 +304,7 @@ def bench_encode(ctx: Ctx, budget_end: float) -> list[Row]:
 
         end = time.perf_counter() + (budget_end - time.perf_counter()) / (len(s.encode) - k)
         got = measure(ctx, end, batch, default, stage, bare)  # `parts`: the last bare run's, on got.items
-        vae_flops = count_flops(lambda r=resolution: meta["vae"].encode(torch.empty(1, 3, r, r, device="meta")))
+        vae_flops = flops[f"vae{resolution}"]
         rows.append(
             Row(
                 f"encode {resolution}",

@@ -9,7 +9,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from gpu_common import Ctx, Row, clock, count_flops, peak_memory
+from gpu_common import Ctx, Row, clock, peak_memory
+from gpu_flops import train_flops
 
 
 class _Enough(Exception):
@@ -43,32 +44,6 @@ def _steps_per_second(ctx: Ctx, data: Any, depth: int, batch: int, warm: int, st
     return steps / (stamps[warm + steps] - stamps[warm])
 
 
-def _step_flops(depth: int, batch: int, resolution: int, joint: int, pooled: int) -> tuple[float, int]:
-    """FLOPs of one training step's forward and backward, counted on the meta device (optimizer and EMA aside),
-    and the model's parameters."""
-    import torch
-
-    from curate.train.model import build_mmdit
-
-    with torch.device("meta"):
-        model = build_mmdit(depth, joint_attention_dim=joint, pooled_projection_dim=pooled)
-        f = resolution // 8
-
-        def step() -> None:
-            out = model(
-                hidden_states=torch.empty(batch, 16, f, f),
-                timestep=torch.ones(batch),
-                encoder_hidden_states=torch.empty(batch, 154, joint),
-                pooled_projections=torch.empty(batch, pooled),
-                return_dict=False,
-            )[0]
-            out.float().pow(2).mean().backward()
-
-        flops = count_flops(step)
-        parameters = sum(p.numel() for p in model.parameters())
-    return flops, parameters
-
-
 def bench_train(ctx: Ctx, budget_end: float) -> list[Row]:
     from encode import sd3_sized_shard  # bench/encode.py: an encode shard with SD3's tensor sizes
 
@@ -77,7 +52,7 @@ def bench_train(ctx: Ctx, budget_end: float) -> list[Row]:
 
     s = ctx.sizes
     depth, resolution, batch, steps = s.mmdit_depth, s.train_resolution, s.train_batch, s.train_steps
-    flops, parameters = _step_flops(depth, batch, resolution, 4096, 2048)
+    flops, parameters = train_flops(s)
     note = ""
     if ctx.dry_run:  # the real width counted on meta above; the loop itself at depth 2 (a CPU holds no 2B model)
         note = f"dry run: depth {depth} ({parameters / 1e9:.2f}B) built on meta only; the loop ran at depth 2"
