@@ -246,6 +246,11 @@ def table_line(row: Row, peak: float) -> str:
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
+def write_table(path: Path, header_lines: list[str], rows: list[Row], peak: float, ending: str) -> None:
+    body = [*header_lines, "", COLUMNS, "|" + " --- |" * (COLUMNS.count(" | ") + 1)]
+    path.write_text("\n".join([*body, *(table_line(r, peak) for r in rows), ending]) + "\n")
+
+
 def print_floors(sizes: Sizes, peak: float) -> None:
     """Each model's FLOPs per item (counted on meta) and its floor: GPU-hours per 1e8 items at the whole peak."""
     from gpu_flops import all_flops
@@ -312,6 +317,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         reset_memory(ctx)
         row_started, row_cpu = time.perf_counter(), time.process_time()
         try:
+            if ctx.left() <= 0:
+                raise TimeoutError(f"skipped: the {args.budget_s:.0f} s budget was spent by the rows before")
             new = bench(name)(ctx, budget_end)
         except Exception as e:
             traceback.print_exc()
@@ -322,11 +329,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
             ctx.log(table_line(row, peak))
         rows += new
         reset_memory(ctx)
+        if args.out:  # after every row: a run stopped at its time limit keeps what it measured
+            write_table(args.out, lines, rows, peak, f"# {len(rows)} rows after {time.perf_counter() - started:.0f} s")
     total = time.perf_counter() - started
-    ctx.log(f"# {len(rows)} rows in {total:.0f} s; load average {tuple(round(x, 2) for x in os.getloadavg())}")
+    ending = f"# {len(rows)} rows in {total:.0f} s; load average {tuple(round(x, 2) for x in os.getloadavg())}"
+    ctx.log(ending)
     if args.out:
-        body = [*lines, "", COLUMNS, "|" + " --- |" * (COLUMNS.count(" | ") + 1)]
-        args.out.write_text("\n".join([*body, *(table_line(r, peak) for r in rows), f"# {total:.0f} s"]) + "\n")
+        write_table(args.out, lines, rows, peak, ending)
     if args.json:
         args.json.write_text(json.dumps({"header": lines, "peak_tflops": peak, "rows": [asdict(r) for r in rows]}))
     return rows
