@@ -207,7 +207,7 @@ def header(ctx: Ctx, peak: float | None) -> tuple[list[str], float]:
         default = measured
     peak = peak or default
     lines.append(
-        f"# matmul measured here: {label} {measured:.2f} TFLOP/s; utilisation below is against {peak:.1f} TFLOP/s"
+        f"# matmul measured here: {label} {measured:.3g} TFLOP/s; utilisation below is against {peak:.3g} TFLOP/s"
         + (" (dense bf16 datasheet peak)" if peak == 989.0 else "")
     )
     return lines, peak
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             traceback.print_exc()
             new = [Row(name, "-", error=f"{type(e).__name__}: {e}"[:300])]
         seconds, cpu = time.perf_counter() - row_started, time.process_time() - row_cpu
-        new[0].note = (new[0].note + f" (the row: {seconds:.0f} s, {cpu:.0f} CPU s)").strip()
+        new[0].note = "; ".join(filter(None, [new[0].note, f"the row: {seconds:.0f} s, {cpu:.0f} CPU s"]))
         for row in new:
             ctx.log(table_line(row, peak))
         rows += new

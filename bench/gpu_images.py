@@ -125,7 +125,7 @@ def bench_sscd(ctx: Ctx, budget_end: float) -> list[Row]:
             got.items / got.bare_s,
             flops,
             peak_memory(ctx),
-            " ".join(filter(None, [got.note, f"{ctx.cpus} decode threads"])),
+            "; ".join(filter(None, [got.note, f"{ctx.cpus} decode threads"])),
         )
     ]
 
@@ -216,7 +216,7 @@ def bench_score(ctx: Ctx, budget_end: float) -> list[Row]:
             got.items / got.bare_s,
             flops,
             peak_memory(ctx),
-            " ".join(filter(None, [got.note, f"{ctx.cpus} decode threads; bare: image + text towers"])),
+            "; ".join(filter(None, [got.note, f"{ctx.cpus} decode threads; bare: image + text towers"])),
         )
     ]
 
@@ -308,14 +308,15 @@ def bench_encode(ctx: Ctx, budget_end: float) -> list[Row]:
         rows.append(
             Row(
                 f"encode {resolution}",
-                f"SD3 VAE + CLIP-L + bigG + T5-XXL, {s.dtype if ctx.cuda else 'float32'}, batch {batch}",
+                f"SD3 VAE + CLIP-L + bigG + T5-XXL{'' if isinstance(s.sd3, str) else ' (T5 cut)'}, "
+                f"{s.dtype if ctx.cuda else 'float32'}, batch {batch}",
                 "images",
                 got.items,
                 got.items / got.stage_s,
                 got.items / got.bare_s,
                 vae_flops + sum(text_flops.values()),
                 peak_memory(ctx),
-                " ".join(filter(None, [got.note, "bare: the sum of the rows below; one caption per image"])),
+                "; ".join(filter(None, [got.note, "bare: the sum of the rows below; one caption per image"])),
             )
         )
         vae_rate = got.items / parts[f"vae{resolution}"]
@@ -329,6 +330,9 @@ def bench_encode(ctx: Ctx, budget_end: float) -> list[Row]:
 
 
 # -- caption ---------------------------------------------------------------------------------------------------------
+
+
+VLM_LABELS = {"tiny": "tiny Qwen2.5-VL", "3b": "Qwen2.5-VL-3B", "3b-cut": "Qwen2.5-VL-3B widths, 1 layer + 1 block"}
 
 
 def _vlm_folder(ctx: Ctx):
@@ -389,7 +393,7 @@ def bench_caption(ctx: Ctx, budget_end: float) -> list[Row]:
     return [
         Row(
             "caption",
-            f"{'Qwen2.5-VL-3B' if s.vlm != 'tiny' else 'tiny Qwen2.5-VL'} transformers generate, "
+            f"{VLM_LABELS[s.vlm]} transformers generate, "
             f"{s.dtype if ctx.cuda else 'float32'}, batch {s.caption_batch}, {s.new_tokens} new tokens",
             "images",
             got.items,
@@ -397,13 +401,12 @@ def bench_caption(ctx: Ctx, budget_end: float) -> list[Row]:
             got.items / got.bare_s,
             flops,
             peak_memory(ctx),
-            " ".join(
+            "; ".join(
                 filter(
                     None,
                     [
                         got.note,
-                        f"tokens/s: stage {tokens / got.stage_s:.0f}, "
-                        f"bare {got.items * s.new_tokens / got.bare_s:.0f};",
+                        f"tokens/s: stage {tokens / got.stage_s:.0f}, bare {got.items * s.new_tokens / got.bare_s:.0f}",
                         f"~{visual} visual tokens for a median image",
                     ],
                 )

@@ -53,10 +53,12 @@ def bench_train(ctx: Ctx, budget_end: float) -> list[Row]:
     s = ctx.sizes
     depth, resolution, batch, steps = s.mmdit_depth, s.train_resolution, s.train_batch, s.train_steps
     flops, parameters = train_flops(s)
+    label = f"MMDiT depth {depth} ({parameters / 1e9:.2f}B)"
     note = ""
     if ctx.dry_run:  # the real width counted on meta above; the loop itself at depth 2 (a CPU holds no 2B model)
-        note = f"dry run: depth {depth} ({parameters / 1e9:.2f}B) built on meta only; the loop ran at depth 2"
+        note = f"dry run: depth {depth} ({parameters / 1e9:.2f}B, {flops / 1e12:.1f} TFLOP a step) on meta only"
         depth, resolution, batch, steps = 2, 64, 2, 2
+        flops, label = None, "MMDiT depth 2"
     shard = sd3_sized_shard(ctx.work / "encode", max(4 * batch, 8), resolution)
     warm = 2 if s.warmup else 1
     in_memory = list(itertools.islice(iter(ShardBatches(shard, batch, seed=0)), 4))
@@ -73,14 +75,14 @@ def bench_train(ctx: Ctx, budget_end: float) -> list[Row]:
     return [
         Row(
             "train",
-            f"MMDiT depth {s.mmdit_depth} ({parameters / 1e9:.2f}B), {resolution}px, batch {batch}, bf16 autocast",
+            f"{label}, {resolution}px, batch {batch}, bf16 autocast",
             "steps",
             steps,
             shards_rate,
             memory_rate,
             flops,
             peak_memory(ctx),
-            " ".join(
+            "; ".join(
                 filter(None, [note, f"images/s {shards_rate * batch:.1f}; bare: the same loop on batches in memory"])
             ),
         )
