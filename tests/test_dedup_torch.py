@@ -50,11 +50,11 @@ def embeddings() -> np.ndarray:
 def test_int8_quantisation_and_top_k_in_torch_are_numpys():
     """The int8 scores are exact integers, so torch on a GPU chooses exactly what numpy chooses on a CPU, ties
     (equal scores) included: both take the first column. The quantised rows are bit-identical (torch's
-    ``63.0 / tensor`` is a reciprocal times 63: it moved 675 of these 20,000 rows by one step)."""
+    ``63.0 / tensor`` is a reciprocal times 63: it moved 3% of such rows by one step)."""
     import torch
 
     rng = np.random.default_rng(0)
-    many = normalize(rng.standard_normal((20_000, 512)).astype(np.float16))
+    many = normalize(rng.standard_normal((5_000, 512)).astype(np.float16))
     assert np.array_equal(_quantise_rows(torch.from_numpy(many)).numpy(), quantise_rows(many))
     rows = normalize(rng.standard_normal((300, 64)))
     centroids = normalize(rng.standard_normal((37, 64)))
