@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _dedup_support import ONNX_SSCD, build_sscd_torchscript, run_dedup_pipeline
+from _dedup_support import ONNX_SSCD, run_dedup_pipeline
 from PIL import Image, ImageDraw, ImageEnhance
 
 from curate.config import ConfigError, ModelSpec
@@ -21,6 +21,7 @@ from curate.schema import IMAGE_SCHEMA
 from curate.sscd.model import load_sscd, resize
 from curate.stages.spec import WorkContext
 from curate.stages.sscd import SscdConfig, process, setup
+from curate.testing.tiny_sscd import build_sscd_torchscript
 
 # Distinct real photographs and scans (scikit-image / scikit-learn); textures of one kind included on purpose.
 ORIGINALS = [

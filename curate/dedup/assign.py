@@ -20,7 +20,7 @@ from curate import storage
 from curate.dedup.cluster import (
     DedupParams,
     centroids_from_sums,
-    gpu_available,
+    faiss_gpu,
     lloyd_sums,
     nearest_centroids,
     normalize,
@@ -46,13 +46,15 @@ from curate.steps import read_array, write_array
 
 
 def _gpu(params: DedupParams) -> bool:
-    return gpu_available() if params.gpu is None else params.gpu
+    return faiss_gpu(params)
 
 
 def _vectors(x16: np.ndarray, params: DedupParams) -> Vectors:
-    """Normalised rows for nearest-centroid products only (no bf16 copy unless those products are bf16)."""
-    nearest, _ = resolve_precision(params.precision)
-    return Vectors.of(normalize(x16), bf16=nearest == "bf16", int8=nearest == "int8")
+    """Normalised rows for nearest-centroid products only (no bf16 copy unless those products are bf16), on the
+    task's GPU when it has one."""
+    device = params.product_device()
+    nearest, _ = resolve_precision(params.precision, device)
+    return Vectors.of(normalize(x16), bf16=nearest == "bf16", int8=nearest == "int8", device=device)
 
 
 def sample(where: Where, group: Group, order: Order, offset: int, takes: dict[int, np.ndarray]):
@@ -113,7 +115,7 @@ def refine(where: Where, r: int, i: int, group: Group, order: Order, params: Ded
         assert rows.vectors is not None
         x = _vectors(rows.vectors[reps], params)
         labels = nearest_centroids(x, centroids, 1, params, _gpu(params))[:, 0]
-        part, counts = lloyd_sums(x.f32, labels, k)
+        part, counts = lloyd_sums(x, labels, k)
         sums[:, :d] += part
         sums[:, d] += counts
     write_array(where.round(r, f"refine-{i}", name("g", group.index) + ".npy"), sums)

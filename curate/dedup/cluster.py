@@ -18,8 +18,9 @@ and a pair's similarity is always the same float32 dot product. That is what let
 (curate.dedup.distributed) reach exactly the decisions of this single-process one.
 
 Cost: each Lloyd/assignment pass is N x K x d multiply-adds, the range search about N x top^2 x (N/K) x d;
-with K ~ sqrt(N) both grow as N^1.5 (versus N^2 x d for brute force). The products run in bf16 on CPUs
-with AMX/AVX512-BF16 (curate.dedup.products; similarities stay exact float32), on a GPU through FAISS.
+with K ~ sqrt(N) both grow as N^1.5 (versus N^2 x d for brute force). The products run in int8/bf16 on CPUs
+(curate.dedup.products; similarities stay exact float32), and in torch on the task's GPU when the stage gives its
+tasks one (``product_device``), with the same decisions; FAISS's GPU k-means only when asked (``gpu=True``).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from curate.dedup.products import Precision, Vectors, earlier_pairs, nearest, pairs_in_clusters
+from curate.dedup.products import Precision, Vectors, cuda_device, earlier_pairs, nearest, pairs_in_clusters
 
 MAX_CLUSTERS = 16_000  # SD3's K at their scale; beyond it clusters grow instead (see default_clusters)
 
@@ -74,7 +76,11 @@ class DedupParams:
     refine_iters: int = 2  # Lloyd iterations over all vectors after training on the sample
     rounds: int | None = None  # independent clusterings (seed, seed+1, ...) whose pairs are united; None: by N
     seed: int = 1234
-    gpu: bool | None = None  # FAISS GPU k-means and assignment; None: when FAISS sees a GPU
+    # None (auto): torch products on the task's GPU when it has one (product_device); True: FAISS's GPU k-means
+    # and flat-index assignment (faiss-gpu; another k-means, so other partitions); False: CPUs only
+    gpu: bool | None = None
+    gpus: float = 0.0  # GPUs the stage gives each task of its global step (resources.num_gpus)
+    device: str | None = None  # the products' torch device when the caller knows it (tests: "cpu"); None: decided
     precision: Precision = "auto"  # CPU products: bf16 (AMX/AVX512-BF16), int8 (other x86) or fp32
     threads: int = 0  # clusters searched at once, each with single-threaded BLAS; 0: one per core
     block_rows: int = 4096  # rows per similarity block inside a large cluster (memory bound)
@@ -84,6 +90,20 @@ class DedupParams:
         """These settings for ``n`` rows: ``assign_top`` and ``rounds`` from ``default_search`` where unset."""
         top, rounds = default_search(n)
         return replace(self, assign_top=self.assign_top or top, rounds=self.rounds or rounds)
+
+    def product_device(self) -> str | None:
+        """Where the products run, decided in the task, never on the driver (a CPU head node sees no GPU):
+        ``device`` when given, else "cuda" when the stage gives its tasks GPUs (``gpus``), PyTorch sees one here
+        and GPUs are not turned off (``gpu=False``); None: the CPU path."""
+        if self.device is not None:
+            return self.device
+        if self.gpu is False or self.gpus <= 0:
+            return None
+        return cuda_device()
+
+    def vectors(self, x: np.ndarray) -> Vectors:
+        """``x`` (normalised rows) ready for this task's products (curate.dedup.products)."""
+        return Vectors.for_precision(x, self.precision, self.product_device())
 
     @property
     def quota(self) -> int:
@@ -136,13 +156,10 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def gpu_available() -> bool:
-    try:
-        import faiss
-
-        return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    except Exception:
-        return False
+def faiss_gpu(params: DedupParams) -> bool:
+    """FAISS's GPU k-means and flat index: only when asked for (``gpu=True``); the torch products on the task's
+    GPU (``product_device``) make the CPU path's decisions, FAISS's k-means does not."""
+    return params.gpu is True
 
 
 def cluster_count(n: int, params: DedupParams) -> int:
@@ -170,7 +187,7 @@ def train_centroids(
     labels = np.zeros(len(sample), np.int64)
     for _ in range(params.niter):
         labels = nearest(sample, centroids, 1, params.threads)[:, 0]
-        sums, counts = lloyd_sums(sample.f32, labels, k)
+        sums, counts = lloyd_sums(sample, labels, k)
         centroids = centroids_from_sums(sums, counts, centroids)
     return centroids, np.bincount(labels, minlength=k)
 
@@ -179,12 +196,12 @@ def cluster(x: np.ndarray | Vectors, params: DedupParams, bounds: np.ndarray | N
     """Spherical k-means on a sample, ``refine_iters`` Lloyd iterations over all rows, then every row's
     ``assign_top`` nearest centroids. CPU: our Lloyd on bf16/int8/float32 products (curate.dedup.products);
     GPU: FAISS's k-means and a FAISS GPU flat index. ``bounds``: row offsets where upstream shards start."""
-    vectors = x if isinstance(x, Vectors) else Vectors.for_precision(x, params.precision)
+    vectors = x if isinstance(x, Vectors) else params.vectors(x)
     n, d = vectors.f32.shape
     params = params.resolved(n)
     k = cluster_count(n, params)
     top = min(params.assign_top or 2, k)
-    gpu = gpu_available() if params.gpu is None else params.gpu
+    gpu = faiss_gpu(params)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if k == 1:  # one cluster: every row is in it, the centroid only describes it
@@ -200,7 +217,7 @@ def cluster(x: np.ndarray | Vectors, params: DedupParams, bounds: np.ndarray | N
         return nearest_centroids(vectors, centroids, top, params, gpu, bounds)
 
     for _ in range(params.refine_iters):
-        sums, counts = lloyd_sums(vectors.f32, assign(centroids, 1)[:, 0], k)
+        sums, counts = lloyd_sums(vectors, assign(centroids, 1)[:, 0], k)
         centroids = centroids_from_sums(sums, counts, centroids)
     seconds["refine"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -254,13 +271,18 @@ def _assign_gpu(x: np.ndarray, centroids: np.ndarray, top: int) -> np.ndarray:
     return assignment
 
 
-def lloyd_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def lloyd_sums(x: np.ndarray | Vectors, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-centroid sums of the rows (float64 holding whole multiples of 2^-24) and counts.
 
     Each float32 component is rounded to a multiple of 2^-24 (exact in float32 for |x| <= 1), so every partial
     sum is an integer multiple of 2^-24 below 2^53 units: float64 adds them exactly, and sums made per shard,
     per task or over everything at once are bit-identical. A one-hot (K x rows) sparse product does the
-    adding (measured 2x less CPU than bincounts, 20x less than sort + reduceat)."""
+    adding (measured 2x less CPU than bincounts, 20x less than sort + reduceat); on a device (``Vectors`` with
+    one) ``index_add_`` in float64 there, whose atomic adds are exact in any order too."""
+    if isinstance(x, Vectors):
+        if x.device is not None:
+            return _lloyd_sums_on_device(x.d32, labels, k)
+        x = x.f32
     import scipy.sparse
 
     d = x.shape[1]
@@ -273,6 +295,18 @@ def lloyd_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, n
         )
         sums += onehot @ block.astype(np.float64)
     return sums / FIXED_POINT, np.bincount(labels, minlength=k).astype(np.int64)
+
+
+def _lloyd_sums_on_device(x: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=x.device)
+    index = torch.from_numpy(np.asarray(labels, np.int64)).to(x.device)
+    step = 8 * _SUM_ROWS
+    for start in range(0, len(x), step):
+        block = torch.round(x[start : start + step] * FIXED_POINT).to(torch.float64)  # as numpy's rint, float32
+        sums.index_add_(0, index[start : start + step], block)
+    return (sums / FIXED_POINT).cpu().numpy(), np.bincount(labels, minlength=k).astype(np.int64)
 
 
 def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray) -> np.ndarray:
@@ -326,7 +360,7 @@ def clustered_pairs(
     """Range search in every cluster, members in keep order, clusters in parallel threads with one
     BLAS/PyTorch thread each. Measured: multi-threaded OpenBLAS on many small (hundreds of rows) products is up
     to 30x slower than one BLAS thread per cluster when the cores are busy, and no faster when they are idle."""
-    vectors = x if isinstance(x, Vectors) else Vectors.for_precision(x, params.precision)
+    vectors = x if isinstance(x, Vectors) else params.vectors(x)
     clusters = list(members_by_cluster(clustering.assignment, len(clustering.centroids), rank))
     clusters.sort(key=len, reverse=True)  # big ones first so threads finish together
     found = pairs_in_clusters(vectors, clusters, params.threshold, params.block_rows, params.threads, params.quota)
@@ -411,7 +445,7 @@ def dedup(
         return DedupResult(np.zeros(0, bool), empty, np.zeros(0, np.float32), empty, Pairs.empty(), clustering, {})
     started = time.perf_counter()
     xs = normalize(x)
-    vectors = Vectors.for_precision(xs, params.precision)
+    vectors = params.vectors(xs)
     seconds = {"normalize": time.perf_counter() - started}
     found, clusterings = [], []
     for round_ in range(params.rounds):  # independent clusterings (seeds): a pair needs to meet in one

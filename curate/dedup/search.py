@@ -86,7 +86,7 @@ def search(where: Where, r: int, task: str, bucket: int, clusters: list[int], d:
     if analysed:
         mine = pc.and_(pc.equal(table["slot"], 0), pc.is_in(table["cluster"], value_set=pa.array(analysed, pa.int32())))
         write_table(where.round(r, "analysis", task + ".parquet"), table.filter(mine))
-    x = Vectors.for_precision(normalize(vectors_of(table["vector"], d)), params.precision)
+    x = params.vectors(normalize(vectors_of(table["vector"], d)))
     table = table.drop_columns(["vector"])
     cluster = table["cluster"].to_numpy()
     edges = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1], True])
@@ -137,7 +137,7 @@ def split(where: Where, r: int, cluster: int, bucket: int, block: int) -> dict[s
 def _block(where: Where, r: int, cluster: int, i: int, d: int, params: DedupParams) -> tuple[pa.Table, Vectors]:
     table = storage.read_parquet(where.round(r, "giant", name("c", cluster), name("block-", i) + ".parquet"))
     table = _keep_order(table, by_cluster=False)
-    x = Vectors.for_precision(normalize(vectors_of(table["vector"], d)), params.precision)
+    x = params.vectors(normalize(vectors_of(table["vector"], d)))
     return table.drop_columns(["vector"]), x
 
 

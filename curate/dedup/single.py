@@ -20,13 +20,12 @@ from curate.dedup.cluster import dedup as cluster_dedup
 from curate.dedup.cluster import (
     default_clusters,
     exact_groups,
-    gpu_available,
+    faiss_gpu,
     nearest_centroids,
     normalize,
 )
 from curate.dedup.layout import Settings, Where
 from curate.dedup.order import dense_rank, order_codes, row_ids
-from curate.dedup.products import Vectors
 from curate.dedup.report import analysed_clusters, cluster_size_stats, method, threshold_analysis, write_report
 from curate.schema import DEDUP_SCHEMA, embedding_matrix
 
@@ -88,10 +87,10 @@ def decide(settings: Settings, table: pa.Table, vectors: np.ndarray, shards: lis
     k = len(result.clustering.centroids)
     if len(exact):  # an exact copy's cluster: its own nearest centroid (the distributed step computes the same)
         if k > 1:
-            x = Vectors.for_precision(normalize(vectors[exact]), params.precision)
-            gpu = gpu_available() if params.gpu is None else params.gpu
+            x = params.vectors(normalize(vectors[exact]))
             first = result.clustering.centroids
-            cluster[exact] = nearest_centroids(x, first, 1, params, gpu, np.searchsorted(exact, starts))[:, 0]
+            found = nearest_centroids(x, first, 1, params, faiss_gpu(params), np.searchsorted(exact, starts))
+            cluster[exact] = found[:, 0]
         else:
             cluster[exact] = 0
 

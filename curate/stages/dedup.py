@@ -47,7 +47,9 @@ class DedupConfig(StageConfig):
     max_neighbors: int = Field(32, ge=0)  # earlier neighbours kept per row (first in keep order); 0: all
     order: Literal["largest_first", "input_order"] = "largest_first"  # who is kept in a group: first in order
     exact: bool = True  # remove identical files (same sha256) before the embedding search
-    gpu: Literal["auto"] | bool = "auto"  # FAISS GPU k-means / assignment when importable and a GPU is visible
+    # auto: every product on the task's GPU (torch) when `resources.num_gpus` gives tasks one and CUDA sees it
+    # there, with the CPU path's decisions; true: FAISS's GPU k-means and flat index (faiss-gpu); false: CPUs only
+    gpu: Literal["auto"] | bool = "auto"
     precision: Literal["auto", "bf16", "int8", "fp32"] = "auto"  # CPU products; auto: bf16, else int8 (docs)
     seed: int = 1234
     analysis_clusters: PositiveInt = 100  # clusters sampled for the threshold analysis
@@ -71,6 +73,7 @@ class DedupConfig(StageConfig):
             rounds=self.rounds,
             seed=self.seed,
             gpu=None if self.gpu == "auto" else self.gpu,
+            gpus=self.resources.num_gpus,
             precision=self.precision,
             max_neighbors=self.max_neighbors,
         )

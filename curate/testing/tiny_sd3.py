@@ -12,16 +12,19 @@ models here and load them by path through the same code the real checkpoints go 
     FOLDER/vae/              AutoencoderKL with SD3's published VAE config (16 channels, factor 8)
 
 `size="full"` gives the published widths and depths (CLIP-L 768/12, bigG 1280/32, T5-XXL 4096/24, VAE
-[128, 256, 512, 512]); "tiny" keeps the layer types and shrinks widths so a CPU test takes seconds.
+[128, 256, 512, 512]); "tiny" keeps the layer types and shrinks widths so a CPU test takes seconds; a
+`TinySizes` gives any other shape (bench/gpu.py's dry run: full widths, T5 cut to two layers). `device` and
+`dtype` build the full set where it will run (T5-XXL is 19 GB in float32 on a CPU, 9.5 GB in bf16 on a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,27 +182,45 @@ def sd3_vae(channels: tuple[int, ...] = (128, 256, 512, 512), seed: int = 0):
 
 
 def build_tiny_sd3(
-    folder: str | os.PathLike[str], size: Literal["tiny", "full"] = "tiny", with_t5: bool = True, seed: int = 0
+    folder: str | os.PathLike[str],
+    size: Literal["tiny", "full"] | TinySizes = "tiny",
+    with_t5: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Path:
-    """Write a complete SD3 text-encoder + VAE set into ``folder`` (diffusers layout); returns the folder.
+    """Write a complete SD3 text-encoder + VAE set into ``folder`` (diffusers layout); returns the folder. Models
+    are built on ``device`` and saved in ``dtype``.
 
     Idempotent: a folder holding `curate_tiny_sd3.json` with the same settings is left as it is.
     """
+    import torch
+
     folder = Path(folder)
-    settings = {"size": size, "with_t5": with_t5, "seed": seed}
+    sizes = SIZES[size] if isinstance(size, str) else size
+    settings = {"size": size if isinstance(size, str) else asdict(size), "with_t5": with_t5, "seed": seed}
+    if dtype != "float32":
+        settings["dtype"] = dtype
     stamp = folder / "curate_tiny_sd3.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return folder
-    sizes = SIZES[size]
+    cast = getattr(torch, dtype)
     clip_tokenizer().save_pretrained(folder / "tokenizer")
     clip_tokenizer(pad_token="!").save_pretrained(folder / "tokenizer_2")
-    clip_text_encoder(*sizes.clip_l, act="quick_gelu", seed=seed).save_pretrained(folder / "text_encoder")
-    clip_text_encoder(*sizes.clip_g, act="gelu", seed=seed + 1).save_pretrained(folder / "text_encoder_2")
-    if with_t5:
-        tokenizer = t5_tokenizer()
-        tokenizer.save_pretrained(folder / "tokenizer_3")
-        t5_encoder(len(tokenizer), *sizes.t5, seed=seed + 2).save_pretrained(folder / "text_encoder_3")
-    sd3_vae(sizes.vae_channels, seed=seed + 3).save_pretrained(folder / "vae")
+    with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+        clip_l = clip_text_encoder(*sizes.clip_l, act="quick_gelu", seed=seed)
+        clip_l.to(cast).save_pretrained(folder / "text_encoder")
+        del clip_l
+        clip_g = clip_text_encoder(*sizes.clip_g, act="gelu", seed=seed + 1)
+        clip_g.to(cast).save_pretrained(folder / "text_encoder_2")
+        del clip_g
+        if with_t5:
+            tokenizer = t5_tokenizer()
+            tokenizer.save_pretrained(folder / "tokenizer_3")
+            t5 = t5_encoder(len(tokenizer), *sizes.t5, seed=seed + 2)
+            t5.to(cast).save_pretrained(folder / "text_encoder_3")
+            del t5
+        sd3_vae(sizes.vae_channels, seed=seed + 3).to(cast).save_pretrained(folder / "vae")
     stamp.write_text(json.dumps(settings))
     return folder
 

@@ -86,6 +86,88 @@ def build_qwen2_5_vl(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
     return save(tf.Qwen2_5_VLForConditionalGeneration, config, processor, folder, seed=seed, eos=tokenizer.eos_token_id)
 
 
+# Qwen/Qwen2.5-VL-3B-Instruct's published config.json and preprocessor_config.json: the captioner bench/gpu.py
+# measures at real size (random weights; the tokenizer is the tiny BPE with Qwen's special tokens, the embedding
+# padded to the real vocabulary as checkpoints pad it).
+QWEN2_5_VL_3B_TEXT = {
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+}
+QWEN2_5_VL_3B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 2048,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+}
+QWEN2_5_VL_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}  # min_pixels / max_pixels
+
+
+def build_qwen2_5_vl_3b(
+    folder: Path,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    text_layers: int | None = None,
+    vision_depth: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Qwen2.5-VL-3B's architecture with random weights, built on ``device`` in ``dtype`` and saved with its
+    processor. ``text_layers`` / ``vision_depth`` cut the depth (every width stays the published one), for a
+    machine that cannot hold 3.75B parameters (bench/gpu.py's dry run)."""
+    import torch
+    import transformers as tf
+
+    size = Size(hidden=QWEN2_5_VL_3B_TEXT["hidden_size"], layers=1, heads=QWEN2_5_VL_3B_TEXT["num_attention_heads"])
+    tokenizer, _, _, _, token_ids = _qwen(size, 128, {}, {}, "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", 14)
+    processor = tf.Qwen2_5_VLProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(size=QWEN2_5_VL_PIXELS, patch_size=14),
+        tokenizer=tokenizer,
+        video_processor=tf.Qwen2VLVideoProcessor(size=QWEN2_5_VL_PIXELS, patch_size=14),
+        chat_template=chat_template(**CHATML, image=QWEN_IMAGE, system=CHATML_SYSTEM),
+    )
+    text = {
+        **QWEN2_5_VL_3B_TEXT,
+        "model_type": "qwen2_5_vl_text",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.pad_token_id,
+    }
+    vision = dict(QWEN2_5_VL_3B_VISION)
+    if text_layers is not None:
+        text["num_hidden_layers"] = text_layers
+    if vision_depth is not None:
+        vision["depth"] = vision_depth
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_depth]
+    config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = tf.Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype)).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.do_sample = False
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def build_qwen3_vl(folder: Path, size: Size = TINY, seed: int = 0) -> Path:
     import transformers as tf
 
