@@ -290,6 +290,7 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     upstream = run.stage(upstream_cfg.stage_name) if upstream_cfg else None
     expected = expected_rows(stage, tasks, upstream)
     storage.remove_temporaries(stage_dir.uri)
+    storage.remove_temporaries(storage.join(stage_dir.uri, "_shards"))  # a marker's write killed halfway
 
     done = stage_dir.done_shards()
     pending = [t for t in tasks if t.index not in done]

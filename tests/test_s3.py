@@ -1,0 +1,190 @@
+"""The run folder on an S3 API server (moto's, on 127.0.0.1): the demo pipeline killed mid-stage and resumed, no
+temporary object left behind, and the lease doing its work there (refusals, take-over after the TTL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, curate_cli
+
+from curate import lease, storage
+from curate.inspect import lease_line
+from curate.runfolder import RunDir
+
+pytest_plugins = ["s3_server"]  # fixture: s3_server
+
+STAGES = "ingest,prefilter"  # the demo's front stages: a download from `curate serve`, a 1:1 filter
+TTL = 4.0  # seconds; the running driver renews every TTL/4
+
+
+@pytest.fixture
+def demo_folder(tmp_path, sample_images, tiny_models, s3_server) -> Path:
+    """A working directory laid out as the README's demo has it, with the demo pipeline plus a `storage:` block
+    that hands the endpoint and credentials to every Ray worker."""
+    (tmp_path / "demo-data").mkdir()
+    (tmp_path / "demo-data" / "images").symlink_to(sample_images)
+    (tmp_path / "demo-data" / "models").symlink_to(tiny_models)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "pipelines").mkdir()
+    text = (REPO / "pipelines" / "demo.yaml").read_text()
+    storage_block = (
+        f"storage:\n  endpoint_url: {s3_server.endpoint}\n  env: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]\n"
+    )
+    (tmp_path / "pipelines" / "demo.yaml").write_text(text.replace("\nray:\n", f"\n{storage_block}\nray:\n", 1))
+    return tmp_path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "curate.cli", *args]
+
+
+def _served_run(output: str, address: str) -> list[str]:
+    """The README's demo command: `curate serve` around `curate run` (the ingest stage downloads from it)."""
+    run = _cli("run", "pipelines/demo.yaml", "--output", output, "--stages", STAGES, "--address", address)
+    serve = _cli("serve", "demo-data/images", "--url-list", "demo-data/urls.parquet")
+    return [*serve, "--", *run, "--lease-ttl", str(TTL)]
+
+
+def _env(s3_server) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, **s3_server.env, "PYTHONUNBUFFERED": "1"}
+
+
+T0 = time.monotonic()
+
+
+def _t(what):
+    print(f"{time.monotonic() - T0:7.1f}s {what}", flush=True)
+
+
+def _wait(condition, what: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    _t("waiting for " + what)
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended ({process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _mid_stage(run: RunDir) -> str | None:
+    """A stage of the run with some shards done and not all, if there is one now."""
+    for name in STAGES.split(","):
+        stage = run.stage(name)
+        if storage.exists(stage.record_uri) and not stage.is_complete():
+            done = len(stage.done_shards())
+            if 0 < done < stage.read_record()["shards"]:
+                return name
+    return None
+
+
+@pytest.mark.slow
+def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster, demo_folder, s3_server):
+    _t("start")
+    bucket = s3_server.new_bucket()
+    output = f"s3://{bucket}/demo"
+    run = RunDir(output)
+    env = _env(s3_server)
+    first = subprocess.Popen(
+        _served_run(output, ray_cluster), cwd=demo_folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        _wait(lambda: lease.read_lease(output) is not None, "the first run's lease", process=first)
+        holder = lease.read_lease(output)
+        driver = holder.body["pid"]
+        # while it runs: a second run and a --redo are refused at once, naming the holder
+        refused = [
+            subprocess.Popen(_cli("run", "pipelines/demo.yaml", "--output", output, *extra, "--address", ray_cluster),
+                             cwd=demo_folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in (["--stages", STAGES], ["--redo", "ingest"])
+        ]  # fmt: skip
+        for process in refused:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 1, err
+            assert f"is in use by another curate run: host {holder.body['host']}, pid {driver}" in err, err
+            assert "--take-over" in err
+        assert first.poll() is None, "the run ended before the refused runs were tried; give it more work"
+
+        # mid-stage, the driver hangs (alive, no longer renewing); past the TTL it is killed outright
+        _wait(lambda: _mid_stage(run) is not None, "a stage in progress", process=first)
+        os.kill(driver, signal.SIGSTOP)
+        stopped = _mid_stage(run)
+        assert stopped is not None, "the stage finished as the driver was stopped"
+        _wait(lambda: lease.read_lease(output).expired, "the lease to expire", timeout=TTL * 4)
+        os.kill(driver, signal.SIGKILL)
+        first.wait(60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert storage.exists(run.stage("ingest").uri), "the refused --redo removed the stage"
+    _t(f"killed in {stopped}")
+
+    resumed = subprocess.run(_served_run(output, ray_cluster), cwd=demo_folder, env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    _t("resumed")
+    print(resumed.stderr)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"taking over the run folder {output} from host" in resumed.stderr
+    assert "past its TTL" in resumed.stderr
+    assert f"[{stopped}] resuming:" in resumed.stderr
+
+    keys = s3_server.keys(bucket)
+    assert not [k for k in keys if "/.tmp-" in k], "temporary objects left behind"
+    assert "demo/_lease.json" not in keys, "the lease was not released"
+    ingest = storage.read_parquet(run.stage("ingest").shard_uris()[0])  # shards read back through pyarrow's S3
+    assert ingest.num_rows > 0
+    urls = storage.read_parquet(str(demo_folder / "demo-data" / "urls.parquet"))
+    rows = {name: sum(s.rows for s in run.stage(name).shard_stats()) for name in STAGES.split(",")}
+    assert rows == dict.fromkeys(rows, urls.num_rows), rows  # every URL exactly once in every stage
+    for name in STAGES.split(","):
+        assert run.stage(name).is_complete()
+
+    verified = curate_cli("verify", output, "--address", ray_cluster, env=env)
+    assert verified.returncode == 0, verified.stderr
+    assert "every finished shard matches" in verified.stdout
+    _t("verified")
+    assert "lease: free" in lease_line(output)
+    log = [json.loads(line) for line in storage.read_text(run.log_uri).splitlines()]
+    assert log[-1]["completed"] == STAGES.split(",")
+
+
+def test_lease_protocols_on_the_s3_server(s3_server):
+    """The conditional-write lease, and the best-effort one a store without conditional writes gets."""
+    bucket = s3_server.new_bucket()
+    uri = f"s3://{bucket}/run"
+    backend = lease.backend_for(uri, probe=True)
+    assert isinstance(backend, lease.S3Backend), "moto honours If-None-Match; the probe should say so"
+    held = lease.acquire(uri, ttl_seconds=30, renew_seconds=0.2, log=lambda line: None)
+    try:
+        with pytest.raises(lease.LeaseHeld, match=f"pid {os.getpid()}"):
+            lease.acquire(uri, log=lambda line: None)
+        time.sleep(0.5)
+        assert lease.read_lease(uri).body["sequence"] >= 1, "not renewed"
+        taken = []
+        thief = lease.acquire(uri, take_over=True, log=taken.append)
+        assert "because --take-over was given" in taken[0]
+        _wait(lambda: held.lost is not None, "the first holder to see it lost", timeout=10)
+        assert "taken over" in held.lost
+        thief.release()
+        assert lease.read_lease(uri) is None
+    finally:
+        held.release()
+
+    # best effort: the same refusals, with a settle time instead of atomic writes
+    first = lease.BestEffortBackend(f"{uri}/best/_lease.json", settle=0.1)
+    body = {"holder": "a", "sequence": 0}
+    version = first.create(body)
+    assert version == ("a", 0)
+    assert first.create({"holder": "b", "sequence": 0}) is None
+    assert first.replace({"holder": "b", "sequence": 0}, ("x", 9)) is None
+    assert first.replace({"holder": "b", "sequence": 0}, version) == ("b", 0)
+    assert first.delete(version) is False and first.delete(("b", 0)) is True
