@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -127,14 +128,16 @@ class LeaseConfig(Strict):
     ttl_seconds: float = Field(DEFAULT_TTL_SECONDS, gt=0)
     renew_seconds: float = Field(DEFAULT_RENEW_SECONDS, gt=0)
 
-    @model_validator(mode="after")
-    def _renewed_within_ttl(self) -> LeaseConfig:
-        if self.renew_seconds * 2 > self.ttl_seconds:
+    @field_validator("renew_seconds")
+    @classmethod
+    def _renewed_within_ttl(cls, renew: float, info: ValidationInfo) -> float:
+        ttl = info.data.get("ttl_seconds")
+        if ttl is not None and renew * 2 > ttl:
             raise ValueError(
-                f"renew_seconds ({self.renew_seconds:g}) must be at most half of ttl_seconds ({self.ttl_seconds:g}), "
-                "so that one late renewal does not let another run take the folder over"
+                f"must be at most half of ttl_seconds ({ttl:g}), so that one late renewal does not let another run "
+                "take the folder over"
             )
-        return self
+        return renew
 
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"

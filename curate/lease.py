@@ -520,10 +520,12 @@ def acquire(
 
 
 def _interrupt_main(reason: str) -> None:
-    """Stop the run's main thread (as Ctrl-C would) when its lease is gone; `holding` turns that into LeaseLost."""
-    import _thread
+    """Stop the run's main thread as Ctrl-C would when its lease is gone (`holding` turns that into LeaseLost): a
+    real SIGINT, which also breaks a blocking wait (`_thread.interrupt_main` only takes effect at the next
+    bytecode)."""
+    import signal
 
-    _thread.interrupt_main()
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
 
 @contextlib.contextmanager
