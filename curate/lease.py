@@ -402,8 +402,6 @@ def holder_is_gone(body: dict[str, Any]) -> bool:
     return started is None or started != body.get("pid_start")
 
 
-
-
 def _command() -> str:
     text = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)) or "python"
     return text if len(text) <= 300 else text[:299] + "…"
