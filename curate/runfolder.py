@@ -18,14 +18,12 @@ makes the shard be redone (its file is overwritten by the same content), never c
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import storage
@@ -53,23 +51,13 @@ class ShardStats:
     bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
     checksum: str | None = None  # of the file's bytes, "crc32c:<hex>" (curate.checksums); None in older runs
-    keys: str | None = None  # keys_digest of the shard's `key` column, compared with the upstream shard's
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ShardStats:
         return ShardStats(
             d["shard"], d["rows"], dict(d["status"]), d["seconds"], d["bytes"], d.get("extra", {}),
-            d.get("checksum"), d.get("keys"),
+            d.get("checksum"),
         )  # fmt: skip
-
-
-def keys_digest(keys: pa.ChunkedArray | pa.Array) -> str:
-    """A digest of a shard's set of keys, in any order (the encode stage reorders rows by bucket): blake2b of the
-    sorted keys. About 10 ms for 10,000 keys; it lets `curate verify` compare a shard's keys with its upstream
-    shard's from the two markers, without reading either file's key column."""
-    ordered = pc.array_sort_indices(keys)  # type: ignore[attr-defined]
-    joined = "\0".join(k or "" for k in pc.take(keys, ordered).to_pylist())  # type: ignore[attr-defined]
-    return "blake2b:" + hashlib.blake2b(joined.encode(), digest_size=16).hexdigest()
 
 
 def footer_rows(uri: str, streamed: Streamed) -> int | None:

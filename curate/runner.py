@@ -23,7 +23,7 @@ from curate.checksums import Digest
 from curate.cluster import ray_session, resolve_address
 from curate.config import Pipeline, StageConfig
 from curate.progress import Progress
-from curate.runfolder import RunDir, ShardStats, ShardTask, StageDir, keys_digest, summarize
+from curate.runfolder import RunDir, ShardStats, ShardTask, StageDir, summarize
 from curate.schema import SCHEMA_VERSION, parquet_options
 from curate.stages import STAGES, StageSpec, WorkContext
 from curate.steps import GlobalPhase, GlobalTask, PhaseResults
@@ -66,9 +66,8 @@ def execute_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
         digest = Digest()
         size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, digest=digest, **options)
         status = Counter(table["status"].to_pylist()) if "status" in table.column_names else {"ok": table.num_rows}
-        keys = keys_digest(table["key"]) if "key" in table.column_names else None
         seconds = round(time.perf_counter() - started, 4)
-        stats = ShardStats(task.index, table.num_rows, dict(status), seconds, size, output.extra, digest.tagged(), keys)
+        stats = ShardStats(task.index, table.num_rows, dict(status), seconds, size, output.extra, digest.tagged())
         stage_dir.write_marker(stats)
         return {"shard": task.index, "ok": True, "rows": table.num_rows, "error": ""}
     except Exception:
