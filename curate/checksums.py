@@ -1,28 +1,33 @@
 """Whole-file checksums of shards: CRC32C of every byte, computed while the file is written and checked by
 streaming it back.
 
-Why CRC32C (google-crc32c): it is what object stores compute themselves (S3's `x-amz-checksum-crc32c`,
-GCS's object `crc32c`), so a marker's value can be compared with the store's own where it kept one; it costs
-nothing next to writing Parquet (measured here on 256 MiB in memory, one core: google-crc32c 6.0 GB/s,
-xxh3-128 8.3, zlib crc32 2.7, sha256 1.4, blake2b 0.6 GB/s; a zstd Parquet shard is written at a few hundred
-MB/s, bench/verify.py); it detects every burst error up to 32 bits and random damage with probability
-1 - 2^-32, and the file size is recorded beside it. It is not a defence against someone forging a shard.
-The ICRAR `crc32c` package is faster still (10 GB/s) but LGPL; google-crc32c is Apache-2.0 like curate and
-comes with gcsfs. Parquet's own page checksums (`write_page_checksum`) cover data pages only, not the footer,
-and are checked only by decoding the whole file.
+Why CRC32C: it is what object stores compute themselves (S3's `x-amz-checksum-crc32c`, GCS's object `crc32c`),
+so a marker's value can be compared with the store's own where it kept one; it detects every burst error up
+to 32 bits and random damage with probability 1 - 2^-32, and the file size is recorded beside it (it is not
+a defence against someone forging a shard). Measured here on 256 MiB in memory, one core (bench/verify.py
+and the numbers in docs/operations.md): the `crc32c` package (ICRAR; hardware CRC instructions, three
+streams at once) 10 GB/s, xxh3-128 8.3, google-crc32c 6.0, zlib crc32 2.7, sha256 1.4, blake2b 0.6 GB/s.
+Even at 10 GB/s, hashing in line would add 10-20% to writing a training shard whose tensors are stored
+uncompressed (Parquet encodes those at 1-2 GB/s into the page cache), so the writer hands each buffer to one
+hashing thread and goes on encoding: the package releases the GIL while it hashes, and the checksum costs CPU
+time but almost no wall time. `crc32c` is LGPL-2.1-or-later, used unmodified as a separate package.
+Parquet's own page checksums (`write_page_checksum`) cover data pages only, not the footer, and are checked
+only by decoding the whole file.
 """
 
 from __future__ import annotations
 
 import io
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
+import crc32c
 
 ALGORITHM = "crc32c"
 CHUNK = 8 << 20  # bytes per read when checking: large enough for sequential disk and object-store throughput
 TAIL = 1 << 20  # the last bytes of a file kept while checking it, so its Parquet footer needs no second read
+AHEAD = 8  # buffers a writer may hand the hashing thread before it waits (pyarrow writes pages of ~1 MB)
 
 
 @dataclass
@@ -32,8 +37,8 @@ class Digest:
     value: int = 0
     size: int = 0
 
-    def update(self, data: bytes) -> None:
-        self.value = google_crc32c.extend(self.value, data)
+    def update(self, data: Any) -> None:
+        self.value = crc32c.crc32c(data, self.value)  # releases the GIL for buffers of 32 KiB and more
         self.size += len(data)
 
     def tagged(self) -> str:
@@ -42,20 +47,26 @@ class Digest:
 
 
 class HashingSink:
-    """A writable file object for pyarrow's writers that updates a digest with every byte on its way to the sink
-    (pyarrow hands its Python file objects whole buffered pages, a few calls per MB)."""
+    """A writable file object for pyarrow's writers: every buffer goes to the sink and, in order, to one hashing
+    thread (pyarrow hands Python file objects fresh `bytes`, so they can be hashed after the write returns).
+    `close()` waits for the hashing to end; at most `AHEAD` buffers wait for it."""
 
     closed = False
 
     def __init__(self, sink: Any, digest: Digest):
-        self.sink, self.digest = sink, digest
+        self.sink, self.digest, self.position = sink, digest, 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="curate-crc32c")
+        self.pending: list[Future[None]] = []
 
     def write(self, data: bytes) -> int:
-        self.digest.update(data)
+        if len(self.pending) >= AHEAD:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self.digest.update, data))
+        self.position += len(data)
         return self.sink.write(data)
 
     def tell(self) -> int:
-        return self.digest.size
+        return self.position
 
     def flush(self) -> None:
         self.sink.flush()
@@ -63,8 +74,13 @@ class HashingSink:
     def writable(self) -> bool:
         return True
 
-    def close(self) -> None:  # the caller closes the real sink
-        self.closed = True
+    def close(self) -> None:
+        """Wait for the last buffers' checksums (the caller closes the real sink)."""
+        if not self.closed:
+            self.closed = True
+            self.pool.shutdown(wait=True)
+            for future in self.pending:
+                future.result()
 
 
 @dataclass(frozen=True)
@@ -77,16 +93,24 @@ class Streamed:
 
 
 def stream_digest(stream: Any, chunk: int = CHUNK, tail: int = TAIL) -> Streamed:
-    """Read an input stream to its end in ``chunk``-byte reads; memory stays at about ``chunk + tail``."""
+    """Read an input stream to its end in ``chunk``-byte reads, the next read running on a thread while the last
+    chunk is hashed (both release the GIL), so the disk or the network never waits for the CRC. Memory: about
+    three chunks."""
+    read = getattr(stream, "read_buffer", stream.read)  # pyarrow streams: no copy into a Python bytes object
     digest = Digest()
-    last = b""
-    while True:
-        data = stream.read(chunk)
-        if not data:
-            break
-        digest.update(data)
-        last = data if len(data) >= tail else (last + data)[-tail:]
-    return Streamed(digest.size, digest.tagged(), bytes(last[-tail:]))
+    previous: Any = b""
+    last: Any = b""
+    with ThreadPoolExecutor(1, thread_name_prefix="curate-read") as pool:
+        ahead = pool.submit(read, chunk)
+        while True:
+            data = ahead.result()
+            if not len(data):
+                break
+            ahead = pool.submit(read, chunk)
+            digest.update(data)
+            previous, last = last, data
+    kept = bytes(previous) + bytes(last) if len(last) < tail else bytes(last)
+    return Streamed(digest.size, digest.tagged(), kept[-tail:])
 
 
 class TailFile(io.RawIOBase):

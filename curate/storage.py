@@ -219,6 +219,10 @@ def write_json(uri: str, obj: Any) -> None:
     write_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def _sink(stream: Any, digest: Digest | None) -> Any:
+    return stream if digest is None else HashingSink(stream, digest)
+
+
 def write_parquet_atomic(
     uri: str,
     table: pa.Table,
@@ -233,8 +237,7 @@ def write_parquet_atomic(
     ``digest`` is updated with every byte written (the shard checksum, curate.checksums)."""
     fs, path = resolve(uri)
     tmp = _temporary_sibling(fs, path)
-    with fs.open_output_stream(tmp) as stream:
-        sink = stream if digest is None else HashingSink(stream, digest)
+    with fs.open_output_stream(tmp) as stream, contextlib.closing(_sink(stream, digest)) as sink:
         if row_group_sizes is None:
             pq.write_table(table, sink, row_group_size=row_group_size, **options)
         else:
