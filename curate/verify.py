@@ -118,7 +118,6 @@ class StageCheck:
     shards: int = 0
     bytes: int = 0
     unchecked: int = 0  # shards whose marker has no checksum (written before checksums existed)
-    seconds: float = 0.0
     problems: list[Problem] | None = None
 
 
@@ -169,15 +168,16 @@ def verify_stages(
             check.bytes += result["bytes"]
             check.unchecked += result["unchecked"]
             check.problems += [Problem(name, index, what) for index, what in result["problems"]]  # type: ignore[operator]
-            check.seconds = time.monotonic() - started
+    seconds = time.monotonic() - started
     for check in checks.values():
         check.problems.sort(key=lambda p: p.shard)  # type: ignore[union-attr]
-        rate = f", {check.bytes / check.seconds / 1e6:,.0f} MB/s" if check.seconds > 0 else ""
         note = f"; {check.unchecked:,} shards have no checksum in their marker" if check.unchecked else ""
         log(
-            f"[{check.stage}] {check.shards:,} shards, {check.bytes / 1e6:,.1f} MB checked{rate}: "
+            f"[{check.stage}] {check.shards:,} shards, {check.bytes / 1e6:,.1f} MB checked: "
             f"{len(check.problems or ()) or 'no'} problems{note}"
         )
+    total = sum(c.bytes for c in checks.values())
+    log(f"verify: {total / 1e9:,.2f} GB in {seconds:,.1f} s ({total / max(seconds, 1e-9) / 1e6:,.0f} MB/s)")
     return list(checks.values())
 
 

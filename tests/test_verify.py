@@ -1,6 +1,6 @@
 """`curate verify`: a flipped byte, a truncated file, a deleted shard and a shard overwritten with a consistent
-marker are each found, and `--repair` brings back the bytes of the undisturbed run; what a repair redoes follows
-the stage graph; a resume redoes a shard whose size changed; the reader can verify as it opens."""
+marker are each found, and `--repair` brings back the bytes of the undisturbed run, as does a resume for a shard
+whose size changed; what a repair redoes follows the stage graph; the reader can verify as it opens."""
 
 from __future__ import annotations
 
@@ -88,6 +88,16 @@ def test_damage_is_found_and_repaired_to_the_undisturbed_bytes(ray_cluster, samp
     assert _shards(run) == reference
     assert _checksums(run) == sums
 
+    # a resume checks every stage's shard sizes (one listing each) and redoes a shard whose size changed, with
+    # the shards made from it
+    shard = run / "ingest" / "shard-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    said: list[str] = []
+    run_pipeline(parse_pipeline(path.read_text()), log=said.append)
+    assert any("[ingest] shard-00002: " in line and "it is redone" in line for line in said), said
+    assert "[ingest] repair: redoing ingest shard 2" in said and "[prefilter] repair: redoing prefilter shard 2" in said
+    assert _shards(run) == reference
+
 
 def test_repair_plan_follows_the_demo_graph(tmp_path, sample_images, tiny_models, monkeypatch):
     """1:1 stages redo the same shard indices; a stage whose global step (the quality filter's top fraction, dedup)
@@ -108,20 +118,6 @@ def test_repair_plan_follows_the_demo_graph(tmp_path, sample_images, tiny_models
     assert repair_plan(pipeline, run, {"dedup": {0}}) == {"dedup": {0}, "caption": {0}, "encode": {0}, "validate": None}
     storage.remove_tree(run.stage("validate").uri)  # a stage not started has nothing to redo
     assert repair_plan(pipeline, run, {"encode": {3}}) == {"encode": {3}}
-
-
-def test_resume_redoes_a_shard_whose_size_changed(ray_cluster, sample_images, tmp_path):
-    run = tmp_path / "run"
-    pipeline = parse_pipeline(PIPELINE.format(out=run, images=sample_images))
-    run_pipeline(pipeline, log=_quiet)
-    reference = _shards(run)
-    shard = run / "ingest" / "shard-00002.parquet"
-    shard.write_bytes(shard.read_bytes()[:-100])
-    said: list[str] = []
-    run_pipeline(pipeline, log=said.append)
-    assert any("[ingest] shard-00002: " in line and "it is redone" in line for line in said), said
-    assert "[ingest] repair: redoing ingest shard 2" in said and "[prefilter] repair: redoing prefilter shard 2" in said
-    assert _shards(run) == reference
 
 
 def test_reader_verifies_each_file_as_it_opens_it(encoded_run, tmp_path):
