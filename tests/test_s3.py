@@ -16,7 +16,9 @@ from conftest import REPO
 
 from curate import lease, storage
 from curate.inspect import lease_line
+from curate.pipeline import load_pipeline
 from curate.runfolder import RunDir
+from curate.runner import RunError, run_pipeline
 from curate.verify import check_shards
 
 pytest_plugins = ["s3_server"]  # fixture: s3_server
@@ -80,7 +82,7 @@ def _mid_stage(run: RunDir) -> str | None:
 
 
 @pytest.mark.slow
-def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster, demo_folder, s3_server):
+def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster, demo_folder, s3_server, monkeypatch):
     bucket = s3_server.new_bucket()
     output = f"s3://{bucket}/demo"
     run = RunDir(output)
@@ -92,17 +94,15 @@ def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster,
         _wait(lambda: lease.read_lease(output) is not None, "the first run's lease", process=first)
         holder = lease.read_lease(output)
         driver = holder.body["pid"]
-        # while it runs: a second run and a --redo are refused at once, naming the holder
-        refused = [
-            subprocess.Popen(_cli("run", "pipelines/demo.yaml", "--output", output, *extra, "--address", ray_cluster),
-                             cwd=demo_folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for extra in (["--stages", STAGES], ["--redo", "ingest"])
-        ]  # fmt: skip
-        for process in refused:
-            _, err = process.communicate(timeout=120)
-            assert process.returncode == 1, err
-            assert f"is in use by another curate run: host {holder.body['host']}, pid {driver}" in err, err
-            assert "--take-over" in err
+        # while it runs: a second run and a --redo are refused at once, naming the holder (in this process, to
+        # save two interpreter starts: tests/test_lease.py runs the same refusals through the CLI)
+        monkeypatch.chdir(demo_folder)
+        pipeline = load_pipeline("pipelines/demo.yaml")
+        for extra in ({"only": STAGES.split(",")}, {"redo": ["ingest"]}):
+            with pytest.raises(RunError) as refused:
+                run_pipeline(pipeline, output, address=ray_cluster, log=lambda line: None, **extra)
+            assert f"is in use by another curate run: host {holder.body['host']}, pid {driver}" in str(refused.value)
+            assert "--take-over" in str(refused.value)
         assert first.poll() is None, "the run ended before the refused runs were tried; give it more work"
 
         # mid-stage, the driver hangs (alive, no longer renewing); past the TTL it is killed outright
