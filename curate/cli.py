@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from curate.config import ConfigError
+from curate.config import ConfigError, Pipeline
 from curate.pipeline import load_pipeline
 
 
@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_lease_ttl(pipeline, ttl: float | None):
+def _with_lease_ttl(pipeline: Pipeline, ttl: float | None) -> Pipeline:
     """--lease-ttl replaces the pipeline's `lease:` block (renewing four times per TTL)."""
     if ttl is None:
         return pipeline

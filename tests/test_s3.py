@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-from curate import lease, storage
+from curate import lease, serve, storage
 from curate.inspect import lease_line
 from curate.pipeline import load_pipeline
 from curate.runfolder import RunDir
@@ -28,9 +29,10 @@ TTL = 4.0  # seconds; the running driver renews every TTL/4
 
 
 @pytest.fixture
-def demo_folder(tmp_path, sample_images, tiny_models, s3_server) -> Path:
+def demo_folder(tmp_path, sample_images, tiny_models, s3_server) -> Iterator[Path]:
     """A working directory laid out as the README's demo has it, with the demo pipeline plus a `storage:` block
-    that hands the endpoint and credentials to every Ray worker."""
+    that hands the endpoint and credentials to every Ray worker, and the images served as `curate serve` serves
+    them (its server and URL list, in this process: one interpreter start fewer per run)."""
     (tmp_path / "demo-data").mkdir()
     (tmp_path / "demo-data" / "images").symlink_to(sample_images)
     (tmp_path / "demo-data" / "models").symlink_to(tiny_models)
@@ -41,18 +43,26 @@ def demo_folder(tmp_path, sample_images, tiny_models, s3_server) -> Path:
         f"storage:\n  endpoint_url: {s3_server.endpoint}\n  env: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]\n"
     )
     (tmp_path / "pipelines" / "demo.yaml").write_text(text.replace("\nray:\n", f"\n{storage_block}\nray:\n", 1))
-    return tmp_path
+    server = serve.start(sample_images)
+    serve.write_url_list(sample_images, f"http://127.0.0.1:{server.server_address[1]}", demo_urls(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def demo_urls(folder: Path) -> Path:
+    return folder / "demo-data" / "urls.parquet"
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "curate.cli", *args]
 
 
-def _served_run(output: str, address: str) -> list[str]:
-    """The README's demo command: `curate serve` around `curate run` (the ingest stage downloads from it)."""
-    run = _cli("run", "pipelines/demo.yaml", "--output", output, "--stages", STAGES, "--address", address)
-    serve = _cli("serve", "demo-data/images", "--url-list", "demo-data/urls.parquet")
-    return [*serve, "--", *run, "--lease-ttl", str(TTL)]
+def _run_command(output: str, address: str) -> list[str]:
+    run = ["run", "pipelines/demo.yaml", "--output", output, "--stages", STAGES, "--address", address]
+    return _cli(*run, "--lease-ttl", str(TTL))
 
 
 def _env(s3_server) -> dict[str, str]:
@@ -67,7 +77,7 @@ def _wait(condition, what: str, timeout: float = 120.0, process: subprocess.Pope
             raise AssertionError(f"the run ended ({process.returncode}) before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.2)  # every poll lists objects on the same server the run writes to
 
 
 def _mid_stage(run: RunDir) -> str | None:
@@ -88,7 +98,7 @@ def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster,
     run = RunDir(output)
     env = _env(s3_server)
     first = subprocess.Popen(
-        _served_run(output, ray_cluster), cwd=demo_folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        _run_command(output, ray_cluster), cwd=demo_folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         _wait(lambda: lease.read_lease(output) is not None, "the first run's lease", process=first)
@@ -119,8 +129,8 @@ def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster,
             first.wait()
     assert storage.exists(run.stage("ingest").uri), "the refused --redo removed the stage"
 
-    resumed = subprocess.run(_served_run(output, ray_cluster), cwd=demo_folder, env=env, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    command = _run_command(output, ray_cluster)
+    resumed = subprocess.run(command, cwd=demo_folder, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"taking over the run folder {output} from host" in resumed.stderr
     assert "past its TTL" in resumed.stderr
@@ -131,7 +141,7 @@ def test_demo_on_s3_refused_taken_over_after_ttl_killed_and_resumed(ray_cluster,
     assert "demo/_lease.json" not in keys, "the lease was not released"
     ingest = storage.read_parquet(run.stage("ingest").shard_uris()[0])  # shards read back through pyarrow's S3
     assert ingest.num_rows > 0
-    urls = storage.read_parquet(str(demo_folder / "demo-data" / "urls.parquet"))
+    urls = storage.read_parquet(str(demo_urls(demo_folder)))
     rows = {name: sum(s.rows for s in run.stage(name).shard_stats()) for name in STAGES.split(",")}
     assert rows == dict.fromkeys(rows, urls.num_rows), rows  # every URL exactly once in every stage
     for name in STAGES.split(","):
