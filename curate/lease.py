@@ -13,12 +13,13 @@ How each store makes taking and renewing atomic (docs/operations.md#one-run-per-
   lease is created with `link()` (fails if it exists) and replaced with `rename()`, so readers never see a
   partial file. Its age is its mtime against this machine's clock.
 - S3 and S3-compatible stores with conditional writes (AWS since 2024, MinIO, Ceph RGW, R2): the lease is
-  created with `If-None-Match: *` and renewed, taken over and deleted with `If-Match: <ETag>`, through boto3
-  (pyarrow's S3 filesystem cannot send these headers; boto3 comes with the `cloud` extra). Its age is the
+  created with `If-None-Match: *` and renewed, taken over and deleted with `If-Match: <ETag>`, through botocore
+  (pyarrow's S3 filesystem cannot send these headers; botocore, the AWS SDK's core that boto3 wraps, comes with
+  the `cloud` extra, which s3fs already pulls in through aiobotocore). Its age is the
   object's Last-Modified against the Date of the store's reply: both the store's clock, so drivers' clocks
   need not agree. Whether the store honours the headers is probed before each acquisition (a probe object
   written twice with `If-None-Match: *` must be refused the second time).
-- any other store (gs://, hdfs://, a store that ignores conditional headers, S3 without boto3): best effort.
+- any other store (gs://, hdfs://, a store that ignores conditional headers, S3 without botocore): best effort.
   Write the lease, wait `SETTLE_SECONDS`, read it back and hold it only if it is still ours. Two runs that
   both find the folder free within that window of each other can both think they hold it; every later run
   is refused.
@@ -172,15 +173,16 @@ class LocalBackend:
 
 
 class S3Backend:
-    """A lease object written with S3 conditional requests (If-None-Match / If-Match), through boto3."""
+    """A lease object written with S3 conditional requests (If-None-Match / If-Match), through botocore."""
 
     mode = "S3 conditional writes (If-None-Match / If-Match)"
 
     def __init__(self, bucket: str, key: str, client: Any = None):
-        import boto3
+        import botocore.session
 
         self.bucket, self.key = bucket, key
-        self.client = client or boto3.client("s3")  # endpoint and credentials: AWS_ENDPOINT_URL, AWS_* variables
+        # endpoint, region and credentials from AWS_ENDPOINT_URL and the other AWS_* variables, as pyarrow reads them
+        self.client = client or botocore.session.get_session().create_client("s3")
 
     @staticmethod
     def _code(error: Exception) -> tuple[str, int]:
@@ -351,7 +353,7 @@ def backend_for(run_uri: str, log: Callable[[str], None] | None = None, probe: b
             backend = S3Backend(*rest.split("/", 1))
         except ImportError:
             if log:
-                log(f"lease: boto3 is not installed (pip install 'curate[cloud]'); {BestEffortBackend.mode}")
+                log(f"lease: botocore is not installed (pip install 'curate[cloud]'); {BestEffortBackend.mode}")
             return BestEffortBackend(uri)
         if not probe or backend.honours_conditions():
             return backend

@@ -1,5 +1,5 @@
 """An S3 API server on 127.0.0.1 for the session (moto's standalone server, a real HTTP server speaking the S3
-REST API, conditional writes included), used through pyarrow and boto3 exactly as a MinIO or AWS endpoint is."""
+REST API, conditional writes included), used through pyarrow and botocore exactly as a MinIO or AWS endpoint is."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ class S3Server:
     env: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> Any:
-        import boto3
+        import botocore.session
 
-        return boto3.client("s3", endpoint_url=self.endpoint)
+        return botocore.session.get_session().create_client("s3", endpoint_url=self.endpoint)
 
     def new_bucket(self) -> str:
         name = f"curate-{uuid.uuid4().hex[:12]}"
@@ -45,7 +45,7 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
     """One moto server per session on a free port; its endpoint and credentials are set in this process's
-    environment (pyarrow and boto3 read AWS_ENDPOINT_URL) and returned for subprocesses."""
+    environment (pyarrow and botocore read AWS_ENDPOINT_URL) and returned for subprocesses."""
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
