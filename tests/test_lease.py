@@ -89,7 +89,7 @@ def test_second_run_and_redo_refused_while_a_run_holds_the_folder(ray_cluster, s
 
 
 def test_stale_lease_taken_over_after_its_ttl_and_the_hung_holder_stops(tmp_path):
-    holder = _holder(tmp_path, ttl=2.0)
+    holder = _holder(tmp_path, ttl=3.0)
     try:
         os.kill(holder.pid, signal.SIGSTOP)  # hung: alive, not renewing
         with pytest.raises(lease.LeaseHeld, match=f"pid {holder.pid} .*expires \\(in [0-9]+ s\\)"):
