@@ -47,7 +47,11 @@ def describe(pipeline: Pipeline, output: str | None = None, address: str | None 
         f"pipeline {pipeline.name} ({pipeline.source}): valid",
         f"run folder: {run.uri}",
         f"ray: {'cluster at ' + where if where else 'embedded local Ray, started and stopped by the command'}",
+        f"lease: expires {pipeline.lease.ttl_seconds:g} s after its last renewal, renewed every "
+        f"{pipeline.lease.renew_seconds:g} s",
     ]
+    if handed := pipeline.storage.environment():
+        lines.append(f"storage: {', '.join(sorted(handed))} set on the driver and every worker")
     if pipeline.models:
         preset = f" (preset {pipeline.model_preset})" if pipeline.model_preset else ""
         lines.append(f"models{preset}:")

@@ -1,11 +1,11 @@
-"""The `curate` command: run, check, inspect, report, samples, serve, tiny-models, train, sample."""
+"""The `curate` command: run, check, inspect, report, verify, samples, serve, tiny-models, train, sample."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from curate.config import ConfigError
+from curate.config import ConfigError, Pipeline
 from curate.pipeline import load_pipeline
 
 
@@ -16,7 +16,7 @@ def _stages(value: str | None) -> list[str] | None:
 def _run(args: argparse.Namespace) -> int:
     from curate.runner import RunError, run_pipeline
 
-    pipeline = load_pipeline(args.pipeline)
+    pipeline = _with_lease_ttl(load_pipeline(args.pipeline), args.lease_ttl)
     try:
         run_pipeline(
             pipeline,
@@ -25,10 +25,77 @@ def _run(args: argparse.Namespace) -> int:
             address=args.address,
             log=lambda line: print(line, file=sys.stderr, flush=True),
             redo=_stages(args.redo),
+            take_over=args.take_over,
         )
     except RunError as e:
         print(f"curate run: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _with_lease_ttl(pipeline: Pipeline, ttl: float | None) -> Pipeline:
+    """--lease-ttl replaces the pipeline's `lease:` block (renewing four times per TTL)."""
+    if ttl is None:
+        return pipeline
+    import dataclasses
+
+    from curate.config import LeaseConfig
+
+    return dataclasses.replace(pipeline, lease=LeaseConfig(ttl_seconds=ttl, renew_seconds=ttl / 4))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from curate import storage
+    from curate.cluster import ray_session, resolve_address
+    from curate.lease import describe, read_lease
+    from curate.runfolder import RunDir
+    from curate.runner import RunError, run_pipeline
+    from curate.verify import describe_plan, load_run_pipeline, repair_plan, verify_stages
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    run = RunDir(storage.absolute(args.run))
+    try:
+        pipeline = load_run_pipeline(run.uri)
+    except FileNotFoundError as e:
+        print(f"curate verify: {e}", file=sys.stderr)
+        return 1
+    names = _stages(args.stages)
+    unknown = [n for n in names or () if n not in {s.stage_name for s in pipeline.stages}]
+    if unknown:
+        print(f"curate verify: --stages: no stage named {', '.join(map(repr, unknown))}", file=sys.stderr)
+        return 1
+    held = read_lease(run.uri)
+    if held is not None and not held.expired:
+        log(f"note: a run holds this folder's lease ({describe(held)}); shards it writes now may show up below")
+    env = pipeline.storage.environment()
+    storage.use_environment(env)
+    with ray_session(resolve_address(args.address, pipeline.ray), pipeline.ray, env):
+        problems = [p for check in verify_stages(pipeline, run.uri, names, log) for p in check.problems or ()]
+        for problem in problems:
+            print(problem.line())
+        if not problems:
+            print(f"{run.uri}: every finished shard matches its marker and its upstream")
+            return 0
+        damaged: dict[str, set[int]] = {}
+        for problem in problems:
+            damaged.setdefault(problem.stage, set()).add(problem.shard)
+        plan = repair_plan(pipeline, run, damaged)
+        if not args.repair:
+            print(f"{len(problems)} problems; `curate verify {args.run} --repair` redoes: {describe_plan(plan)}")
+            return 1
+        try:
+            run_pipeline(pipeline, run.uri, list(plan), args.address, log, take_over=args.take_over, repair=damaged)
+        except RunError as e:
+            print(f"curate verify: the repair failed: {e}", file=sys.stderr)
+            return 1
+        left = [p for check in verify_stages(pipeline, run.uri, list(plan), log) for p in check.problems or ()]
+        for problem in left:
+            print(f"still wrong after the repair: {problem.line()}")
+        if left:
+            return 1
+        print(f"repaired: {describe_plan(plan)}; every shard of those stages now matches its marker")
     return 0
 
 
@@ -168,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated stages to do again from scratch (e.g. a filter with new thresholds): removes them "
         "and every later stage that reads them, keeps the stages they read, then runs",
     )
+    run.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the run folder's lease even from a run that renewed it within its TTL (only when you know that "
+        "run is gone: docs/operations.md#one-run-per-folder)",
+    )
+    run.add_argument(
+        "--lease-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="seconds without renewal after which another run may take the folder over (default: the pipeline's "
+        "lease.ttl_seconds, 60); renewed every quarter of it",
+    )
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a pipeline and print its plan without doing any work")
@@ -194,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="also decode the shown training-shard latents with the run's VAE (loads torch, diffusers and the VAE)",
     )
     report.set_defaults(func=_report)
+
+    verify = sub.add_parser(
+        "verify", help="check every finished shard's bytes, size and rows against its marker and its upstream"
+    )
+    verify.add_argument("run", help="run folder (local path or s3://, gs://, file:// URI)")
+    verify.add_argument("--stages", help="comma-separated stages to check (default: every started stage)")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="redo the damaged shards and what was made from them (docs/operations.md#verifying-a-run), then check "
+        "those stages again",
+    )
+    verify.add_argument("--address", help="Ray cluster address, as for run")
+    verify.add_argument("--take-over", action="store_true", help="as for run (with --repair)")
+    verify.set_defaults(func=_verify)
 
     samples = sub.add_parser("samples", help="write the offline sample images (scikit-image, scikit-learn)")
     samples.add_argument("folder")

@@ -29,16 +29,18 @@ def resolve_address(cli_address: str | None, config: RayConfig) -> str | None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, config: RayConfig) -> Iterator[str]:
-    """Yield a description of the cluster in use; shut Ray down afterwards only if we started it here."""
+def ray_session(address: str | None, config: RayConfig, env_vars: dict[str, str] | None = None) -> Iterator[str]:
+    """Yield a description of the cluster in use; shut Ray down afterwards only if we started it here.
+    ``env_vars`` reach every worker of the job (a pipeline's `storage:` endpoint and credentials)."""
     import ray
 
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     if ray.is_initialized():
         quiet_ray_data()
         yield "the Ray instance already running in this process"
         return
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
         where = f"Ray cluster at {address}"
     else:
         ray.init(
@@ -48,6 +50,7 @@ def ray_session(address: str | None, config: RayConfig) -> Iterator[str]:
             object_store_memory=config.object_store_memory,
             include_dashboard=False,
             logging_level=logging.WARNING,
+            runtime_env=runtime_env,
         )
         where = "embedded local Ray"
     quiet_ray_data()

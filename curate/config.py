@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -25,11 +25,13 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from curate import storage
+from curate.lease import DEFAULT_RENEW_SECONDS, DEFAULT_TTL_SECONDS
 
 
 class ConfigError(Exception):
@@ -119,6 +121,55 @@ class RayConfig(Strict):
     object_store_memory: PositiveInt | None = None
 
 
+class LeaseConfig(Strict):
+    """The run folder's lease (curate.lease): how long a run's hold lasts without renewal, and how often the
+    running driver renews it. A crashed run blocks the folder for at most `ttl_seconds`."""
+
+    ttl_seconds: float = Field(DEFAULT_TTL_SECONDS, gt=0)
+    renew_seconds: float = Field(DEFAULT_RENEW_SECONDS, gt=0)
+
+    @field_validator("renew_seconds")
+    @classmethod
+    def _renewed_within_ttl(cls, renew: float, info: ValidationInfo) -> float:
+        ttl = info.data.get("ttl_seconds")
+        if ttl is not None and renew * 2 > ttl:
+            raise ValueError(
+                f"must be at most half of ttl_seconds ({ttl:g}), so that one late renewal does not let another run "
+                "take the folder over"
+            )
+        return renew
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class StorageConfig(Strict):
+    """Where s3:// URIs lead (an S3-compatible store: MinIO, Ceph, R2) and which of the driver's environment
+    variables every Ray worker gets (credentials), so workers on every node reach the same store
+    (docs/operations.md#object-stores). Secrets stay in the environment, never in the pipeline file."""
+
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^/\s]+/?$")  # e.g. http://minio.internal:9000
+    region: str | None = None
+    env: tuple[Annotated[str, Field(pattern=_ENV_NAME)], ...] = ()  # e.g. [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]
+
+    @field_validator("env")
+    @classmethod
+    def _set_here(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [n for n in names if n not in os.environ]
+        if missing:
+            raise ValueError(f"not set in this environment: {', '.join(missing)}")
+        return names
+
+    def environment(self) -> dict[str, str]:
+        """The variables to set on the driver and hand to every worker."""
+        out = {name: os.environ[name] for name in self.env if name in os.environ}
+        if self.endpoint_url:
+            out["AWS_ENDPOINT_URL"] = self.endpoint_url.rstrip("/")
+        if self.region:
+            out["AWS_REGION"] = out["AWS_DEFAULT_REGION"] = self.region
+        return out
+
+
 class StageConfig(Strict):
     """Fields every stage has. A stage kind subclasses this with `kind: Literal[...]`."""
 
@@ -167,6 +218,8 @@ class Pipeline:
     models: dict[str, ModelSpec]
     model_preset: str | None
     stages: tuple[StageConfig, ...]
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -188,13 +241,17 @@ class Pipeline:
         return self.stages[index - 1] if index > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "output": self.output,
             "ray": self.ray.model_dump(exclude_none=True),
             "models": {role: spec.model_dump(exclude_none=True) for role, spec in self.models.items()},
             "stages": [s.model_dump(exclude_none=True, mode="json") for s in self.stages],
         }
+        for name in ("lease", "storage"):  # only where the file set them
+            if values := getattr(self, name).model_dump(exclude_defaults=True, mode="json"):
+                out[name] = values
+        return out
 
     def to_yaml(self) -> str:
         header = f"# resolved from {self.source}" + (
@@ -207,6 +264,8 @@ class PipelineFile(Strict):
     name: str
     output: str
     ray: RayConfig = RayConfig()
+    lease: LeaseConfig = LeaseConfig()
+    storage: StorageConfig = StorageConfig()
     models: str | dict[str, Any] | None = None
     stages: list[dict[str, Any]] = Field(min_length=1)
 

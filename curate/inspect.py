@@ -13,6 +13,7 @@ import pyarrow as pa
 import yaml
 
 from curate import storage
+from curate.lease import describe, read_lease
 from curate.runfolder import RunDir, StageDir, summarize
 
 
@@ -164,9 +165,9 @@ def _sample_lines(run_uri: str, name: str, sample: int) -> list[str]:
 def format_run(run_uri: str, sample: int = 3, only: str | None = None) -> str:
     run_uri = storage.absolute(run_uri)
     summaries = [s for s in run_summary(run_uri) if only is None or s["stage"] == only]
-    lines = [f"run {run_uri}"]
+    lines = [f"run {run_uri}", lease_line(run_uri)]
     if not summaries:
-        return lines[0] + "\n  (no stages found)"
+        return "\n".join(lines) + "\n  (no stages found)"
     lines += _stage_table(summaries)
     for s in summaries:
         if (s.get("extra") or {}).get("urls"):
@@ -174,6 +175,18 @@ def format_run(run_uri: str, sample: int = 3, only: str | None = None) -> str:
     for s in summaries:
         lines += _sample_lines(run_uri, s["stage"], sample)
     return "\n".join(lines)
+
+
+def lease_line(run_uri: str) -> str:
+    """Who holds the run folder's lease (curate.lease): a run in progress, one that stopped renewing, or none."""
+    try:
+        record = read_lease(run_uri)
+    except Exception as e:  # inspecting must not fail on a store that refuses the lease read
+        return f"  lease: could not be read ({e})"
+    if record is None:
+        return "  lease: free (no run holds this folder)"
+    state = "EXPIRED, the next run takes it over" if record.expired else "held"
+    return f"  lease: {state}: {describe(record)}"
 
 
 def _shard_lines(summary: dict[str, Any]) -> list[str]:

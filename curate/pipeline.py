@@ -78,7 +78,7 @@ def parse_pipeline(text: str, name: str = "<pipeline>", base_dir: Path | None = 
         problems += _check_graph(stages, models, source)
     if problems:
         raise ConfigError(name, problems)
-    return Pipeline(top.name, name, top.output, top.ray, models, preset, tuple(stages))
+    return Pipeline(top.name, name, top.output, top.ray, models, preset, tuple(stages), top.lease, top.storage)
 
 
 def _check_graph(stages: list[StageConfig], models: dict[str, ModelSpec], source: Source) -> list[str]:

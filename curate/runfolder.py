@@ -2,12 +2,13 @@
 
     RUN/
       pipeline.yaml                 the resolved pipeline (presets merged, paths absolute)
+      _lease.json                   who is running on this folder now (curate.lease)
       runs.jsonl                    one line per `curate run` invocation
       <stage>/
         _stage.json                 kind, config fingerprint, shard count (written with the plan)
         _plan.parquet               shard -> inputs, fixed on the stage's first run
         shard-00000.parquet         output shards, each renamed into place when complete
-        _shards/shard-00000.json    completion marker with the shard's statistics (written last)
+        _shards/shard-00000.json    completion marker: the shard's statistics, size and checksum (written last)
         _global/                    a global step's results (dedup's clustering), _global/_DONE.json last
         _SUCCESS.json               the stage's record once every shard has its marker
 
@@ -23,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curate import storage
+from curate.checksums import Streamed, TailFile
 
 
 def shard_name(index: int) -> str:
@@ -47,10 +50,68 @@ class ShardStats:
     seconds: float
     bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    checksum: str | None = None  # of the file's bytes, "crc32c:<hex>" (curate.checksums); None in older runs
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ShardStats:
-        return ShardStats(d["shard"], d["rows"], dict(d["status"]), d["seconds"], d["bytes"], d.get("extra", {}))
+        return ShardStats(
+            d["shard"], d["rows"], dict(d["status"]), d["seconds"], d["bytes"], d.get("extra", {}),
+            d.get("checksum"),
+        )  # fmt: skip
+
+
+def footer_rows(uri: str, streamed: Streamed) -> int | None:
+    """Rows in a Parquet file's footer, from the bytes kept while streaming it (a second read only for footers
+    larger than those); None when the file has no readable footer."""
+    try:
+        return pq.ParquetFile(pa.PythonFile(TailFile(streamed.tail, streamed.size), mode="r")).metadata.num_rows
+    except Exception:  # a footer longer than the kept bytes, or none at all
+        pass
+    try:
+        return storage.parquet_file(uri).metadata.num_rows
+    except Exception:
+        return None
+
+
+def check_shard_file(uri: str, stats: ShardStats) -> list[str]:
+    """What is wrong with a shard file against its marker: its size, its checksum (every byte read once, in large
+    sequential reads) and the row count in its footer. Empty when all match. Markers written before checksums
+    existed (no `checksum`) are checked for size and rows only, and hand-made ones with `bytes` 0 for rows."""
+    try:
+        streamed = storage.read_digest(uri)
+    except FileNotFoundError:
+        return ["the file is missing"]
+    problems = []
+    if (stats.checksum is not None or stats.bytes) and streamed.size != stats.bytes:
+        problems.append(f"{streamed.size:,} bytes, the marker says {stats.bytes:,}")
+    elif stats.checksum is not None and streamed.checksum != stats.checksum:
+        problems.append(f"checksum {streamed.checksum}, the marker says {stats.checksum}")
+    rows = footer_rows(uri, streamed)
+    if rows is None:
+        problems.append("no readable Parquet footer")
+    elif rows != stats.rows:
+        problems.append(f"{rows:,} rows in its footer, the marker says {stats.rows:,}")
+    return problems
+
+
+class ShardDamaged(ValueError):
+    """A shard file that does not match its completion marker."""
+
+
+def marker_of(shard_uri: str) -> str:
+    """The completion marker of a shard file inside a stage folder."""
+    folder, name = shard_uri.rstrip("/").rsplit("/", 1)
+    return storage.join(folder, "_shards", name.removesuffix(".parquet") + ".json")
+
+
+def verify_shard_file(uri: str) -> None:
+    """Raise ShardDamaged unless the file matches its marker (the reader's `verify` option)."""
+    marker = marker_of(uri)
+    if not storage.exists(marker):
+        raise ShardDamaged(f"{uri}: no completion marker at {marker} to verify it against")
+    problems = check_shard_file(uri, ShardStats.from_dict(storage.read_json(marker)))
+    if problems:
+        raise ShardDamaged(f"{uri}: {'; '.join(problems)} (`curate verify RUN --repair` redoes it)")
 
 
 @dataclass(frozen=True)

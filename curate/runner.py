@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from curate import __version__, steps, storage
+from curate import __version__, lease, steps, storage
+from curate.checksums import Digest
 from curate.cluster import ray_session, resolve_address
 from curate.config import Pipeline, StageConfig
 from curate.progress import Progress
@@ -30,6 +31,7 @@ from curate.runfolder import RunDir, ShardStats, ShardTask, StageDir, summarize
 from curate.schema import SCHEMA_VERSION, parquet_options
 from curate.stages import STAGES, StageSpec, WorkContext
 from curate.steps import GlobalPhase, GlobalTask, PhaseResults
+from curate.verify import apply_plan, repair_plan, size_damage
 
 
 class RunError(Exception):
@@ -65,11 +67,11 @@ def execute_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
         if output.row_groups is not None:
             options.pop("row_group_size", None)
             options["row_group_sizes"] = output.row_groups
-        size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, **options)
+        digest = Digest()
+        size = storage.write_parquet_atomic(stage_dir.shard(task.index), table, digest=digest, **options)
         status = Counter(table["status"].to_pylist()) if "status" in table.column_names else {"ok": table.num_rows}
-        stats = ShardStats(
-            task.index, table.num_rows, dict(status), round(time.perf_counter() - started, 4), size, output.extra
-        )
+        seconds = round(time.perf_counter() - started, 4)
+        stats = ShardStats(task.index, table.num_rows, dict(status), seconds, size, output.extra, digest.tagged())
         stage_dir.write_marker(stats)
         return {"shard": task.index, "ok": True, "rows": table.num_rows, "error": ""}
     except Exception:
@@ -307,6 +309,7 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     upstream = run.stage(upstream_cfg.stage_name) if upstream_cfg else None
     expected = expected_rows(stage, tasks, upstream)
     storage.remove_temporaries(stage_dir.uri)
+    storage.remove_temporaries(storage.join(stage_dir.uri, "_shards"))  # a marker's write killed halfway
 
     done = stage_dir.done_shards()
     pending = [t for t in tasks if t.index not in done]
@@ -413,19 +416,51 @@ def run_pipeline(
     address: str | None = None,
     log=print,
     redo: list[str] | None = None,
+    take_over: bool = False,
+    repair: dict[str, set[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run (or resume) the selected stages in order; returns each stage's completion record.
 
     ``redo`` names stages to do again from scratch (new thresholds of a filter, say): their folders and
     those of every stage reading them are removed, after every check has passed, and they run again;
-    the stages they read (a score stage's model work) are kept as they are."""
+    the stages they read (a score stage's model work) are kept as they are. ``repair`` names damaged shards
+    (`curate verify --repair`): they and what was made from them are redone (curate.verify.repair_plan), as are
+    shards whose size no longer matches their marker. The run holds the folder's lease throughout
+    (curate.lease); ``take_over`` takes it from a holder that has not expired."""
     run = RunDir(storage.absolute(output or pipeline.output))
+    env = pipeline.storage.environment()
+    storage.use_environment(env)
+    try:
+        settings = pipeline.lease
+        with lease.holding(run.uri, settings.ttl_seconds, settings.renew_seconds, take_over, log):
+            return _run_holding_lease(pipeline, run, only, address, log, redo, repair or {}, env)
+    except (lease.LeaseHeld, lease.LeaseLost) as e:
+        raise RunError(str(e)) from e
+
+
+def _run_holding_lease(
+    pipeline: Pipeline,
+    run: RunDir,
+    only: list[str] | None,
+    address: str | None,
+    log,
+    redo: list[str] | None,
+    repair: dict[str, set[int]],
+    env: dict[str, str],
+) -> dict[str, dict[str, Any]]:
+    damaged = size_damage(pipeline, run, log)
+    for name, shards in repair.items():
+        damaged.setdefault(name, set()).update(shards)
+    fixing = repair_plan(pipeline, run, damaged)
+    if only is not None and fixing:
+        only = [*only, *(name for name in fixing if name not in only)]
     selected = select_stages(pipeline, only, run, redo)
     redone = redo_stages(pipeline, redo)
     redone_names = {s.stage_name for s in redone}
     for stage in selected:  # fail on changed settings before starting Ray or doing any work
         if stage.stage_name not in redone_names:
             check_recorded_settings(run, stage)
+    apply_plan(pipeline, run, fixing, log)
     for stage in redone:
         folder = run.stage(stage.stage_name).uri
         if storage.exists(folder):
@@ -436,8 +471,10 @@ def run_pipeline(
     entry = {"started_at": _utcnow(), "stages": [s.stage_name for s in selected], "version": __version__}
     if redone:
         entry["redo"] = [s.stage_name for s in redone]
+    if fixing:
+        entry["repair"] = {name: sorted(shards) if shards is not None else "all" for name, shards in fixing.items()}
     records: dict[str, dict[str, Any]] = {}
-    with ray_session(resolve_address(address, pipeline.ray), pipeline.ray) as where:
+    with ray_session(resolve_address(address, pipeline.ray), pipeline.ray, env) as where:
         log(f"run folder {run.uri} on {where}")
         report = RunReport(run.uri, log)  # RUN/_report/index.html after each stage and at the end
         try:

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from curate.checksums import Digest, HashingSink, Streamed, stream_digest
+
 _PYARROW_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
@@ -50,6 +52,14 @@ def _filesystem_for(scheme: str, netloc: str) -> pafs.FileSystem:
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fsspec.filesystem(scheme)))
+
+
+def use_environment(variables: dict[str, str]) -> None:
+    """Set variables the filesystems read when made (AWS_ENDPOINT_URL, credentials: a pipeline's `storage:`), and
+    forget filesystems made before, so the next s3:// path gets a client that sees them."""
+    if variables:
+        os.environ.update(variables)
+        _filesystem_for.cache_clear()
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -92,6 +102,16 @@ def remove_tree(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
+
+
+def remove_file(uri: str) -> bool:
+    """Delete one file; False if it was not there."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_bytes(uri: str) -> bytes:
@@ -199,19 +219,25 @@ def write_json(uri: str, obj: Any) -> None:
     write_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def _sink(stream: Any, digest: Digest | None) -> Any:
+    return stream if digest is None else HashingSink(stream, digest)
+
+
 def write_parquet_atomic(
     uri: str,
     table: pa.Table,
     row_group_size: int | None = None,
     row_group_sizes: tuple[int, ...] | list[int] | None = None,
+    digest: Digest | None = None,
     **options: Any,
 ) -> int:
     """Stream a Parquet file to a temporary name and rename it into place; returns its size in bytes.
 
-    ``row_group_sizes`` (row counts, summing to the table's rows) places row-group boundaries exactly."""
+    ``row_group_sizes`` (row counts, summing to the table's rows) places row-group boundaries exactly;
+    ``digest`` is updated with every byte written (the shard checksum, curate.checksums)."""
     fs, path = resolve(uri)
     tmp = _temporary_sibling(fs, path)
-    with fs.open_output_stream(tmp) as sink:
+    with fs.open_output_stream(tmp) as stream, contextlib.closing(_sink(stream, digest)) as sink:
         if row_group_sizes is None:
             pq.write_table(table, sink, row_group_size=row_group_size, **options)
         else:
@@ -222,7 +248,7 @@ def write_parquet_atomic(
                 for rows in row_group_sizes:
                     writer.write_table(table.slice(start, rows), row_group_size=max(1, rows))
                     start += rows
-    size = fs.get_file_info(tmp).size
+    size = digest.size if digest is not None else fs.get_file_info(tmp).size
     fs.move(tmp, path)
     return int(size or 0)
 
@@ -248,6 +274,13 @@ def remove_temporaries(folder_uri: str) -> int:
             fs.delete_file(info.path)
             removed += 1
     return removed
+
+
+def read_digest(uri: str) -> Streamed:
+    """Size, checksum and last bytes of a file, read once from start to end in large sequential reads."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return stream_digest(f)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:

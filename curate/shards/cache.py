@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import storage
+from curate.runfolder import verify_shard_file
 from curate.shards.index import RowGroup, ShardInfo
 from curate.tensors import column_view
 
@@ -44,9 +45,10 @@ class RowGroupCache:
         prefetch: int = 1,
         use_threads: bool = True,
         files: dict[str, pq.ParquetFile] | None = None,
+        verify: bool = False,
     ):
         self.groups, self.columns, self.info, self.remaining = groups, columns, info, remaining
-        self.order, self.prefetch, self.use_threads = list(order), prefetch, use_threads
+        self.order, self.prefetch, self.use_threads, self.verify = list(order), prefetch, use_threads, verify
         self.tables: dict[int, dict[str, Any]] = {}
         # opened files (memory maps) may come from the previous epoch: mapping them again costs a page
         # fault per few pages; they are this object's alone until close()
@@ -92,6 +94,8 @@ class RowGroupCache:
     def _read(self, g: int) -> dict[str, Any]:
         group = self.groups[g]
         if group.file not in self.files:
+            if self.verify:
+                verify_shard_file(group.file)
             self.files[group.file] = open_shard(group.file)
         table = self.files[group.file].read_row_group(group.index, columns=self.columns, use_threads=self.use_threads)
         if table.num_rows != group.rows:

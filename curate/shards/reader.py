@@ -47,6 +47,7 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         world_size: int | None = None,
         even_ranks: bool = True,
         prefetch: int = 1,
+        verify: bool = False,
     ):
         self.files = shard_files(source)
         self.groups, self.info = index_shards(self.files)
@@ -64,6 +65,9 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         # the few batches left over change with the epoch's shuffle
         self.even_ranks = even_ranks
         self.prefetch = prefetch  # row groups read ahead on a background thread (0: read when needed)
+        # check each file's size, CRC32C and rows against its completion marker when it is first opened (one more
+        # sequential read of the file; ShardDamaged names a damaged one): for shards copied or kept a long time
+        self.verify = verify
         self.epoch = 0
         self.start = 0  # batches of this rank's current epoch already consumed (set by load_state_dict)
         self._served = 0
@@ -155,7 +159,7 @@ class ShardDataset(_Base):  # type: ignore[misc,valid-type]
         # use_threads: Arrow decodes a row group's columns on its threads in the main process; in DataLoader
         # workers the workers are the parallelism
         cache = RowGroupCache(
-            self.groups, self._columns(), self.info, remaining, order, self.prefetch, worker is None, files
+            self.groups, self._columns(), self.info, remaining, order, self.prefetch, worker is None, files, self.verify
         )
         try:
             for position, batch in todo:
