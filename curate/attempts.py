@@ -1,0 +1,138 @@
+"""How many times each shard was started in this run, so that a shard whose worker keeps dying (killed for
+memory by the kernel or Ray, a crash in native code, a lost node) becomes that shard's failure after
+`ray.shard_retries` retries, naming the workers that died and why, instead of being retried for ever.
+
+Ray Data cannot bound this per shard: its actor pool restarts a dead actor and retries its tasks without limit
+(`max_restarts=-1`, `max_task_retries=-1` in 2.60), and a bounded `max_restarts` leaves a dead actor in the pool that
+is never replaced, so the pool waits for ever. Tasks of task-pool stages are retried by Ray itself at most 3 times
+(its `max_retries` default); Ray Data then drops their block and the runner reports the shard from this record.
+
+The record is kept in the GCS's key-value store (what Ray Data and Ray Train keep their own small state in), one
+key per shard being worked on, holding the workers that started it (node, pid, worker id): about 100 bytes per
+start, two GCS round trips (~2 ms) per shard, no process of its own (a record actor cost 0.5-1.6 s to start per
+stage here). A worker that starts a shard for the (retries + 2)-th time returns the shard's failure without doing
+it. Why a worker died is read from the GCS too: its exit type and detail in the worker table (what the raylet
+recorded: "Worker unexpectedly exits ... killed by the OOM killer", Ray's memory monitor's message), or the death
+of its node. A shard's key is deleted when it finishes and the stage's keys when the stage ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+NAMESPACE = "curate"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The record of one stage run's shard starts (plain data: it travels to the workers)."""
+
+    prefix: str  # keys are prefix + shard number
+
+    @staticmethod
+    def new(stage: str) -> Ledger:
+        return Ledger(f"attempts/{stage}/{uuid.uuid4().hex}/")
+
+    def begin(self, shard: int) -> list[dict[str, Any]]:
+        """Record that this worker starts `shard`; returns the workers of its earlier starts in this run."""
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+        key = f"{self.prefix}{shard}"
+        earlier = json.loads(_internal_kv_get(key, namespace=NAMESPACE) or b"[]")
+        _internal_kv_put(key, json.dumps([*earlier, _this_worker()]), namespace=NAMESPACE)
+        return earlier
+
+    def end(self, shard: int) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(f"{self.prefix}{shard}", namespace=NAMESPACE)
+
+    def history(self, shard: int) -> list[dict[str, Any]]:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return json.loads(_internal_kv_get(f"{self.prefix}{shard}", namespace=NAMESPACE) or b"[]")
+
+    def clear(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(self.prefix, del_by_prefix=True, namespace=NAMESPACE)
+
+
+def _this_worker() -> dict[str, Any]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"pid": os.getpid(), "node": context.get_node_id(), "worker": context.get_worker_id()}
+
+
+@dataclass
+class Attempt:
+    shard: int
+    number: int  # 1 for the first start of the shard in this run
+    allowed: int  # starts allowed: retries + 1
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.number > self.allowed
+
+    def deaths(self) -> str:
+        return describe_starts(self.earlier)
+
+    def failure(self, stage: str) -> str:
+        return (
+            f"stage {stage!r}, shard {self.shard}: started {len(self.earlier)} times and each time its worker died "
+            f"before finishing it; not started again (ray.shard_retries: {self.allowed - 1}). A shard that always "
+            f"kills its worker is usually over the memory of its node: give the stage more `resources.memory` (so "
+            f"fewer workers share a node) or make its shards smaller.\n{self.deaths()}"
+        )
+
+
+def begin(ledger: Ledger, shard: int, retries: int) -> Attempt | None:
+    """Record that this worker starts `shard`; None when the record cannot be reached (then nothing is bounded)."""
+    try:
+        earlier = ledger.begin(shard)
+    except Exception:
+        return None
+    return Attempt(shard, len(earlier) + 1, retries + 1, earlier)
+
+
+def describe_starts(starts: list[dict[str, Any]]) -> str:
+    return "\n".join(f"  start {i}: {death_of(w)}" for i, w in enumerate(starts, 1))
+
+
+def death_of(worker: dict[str, Any]) -> str:
+    """Why a worker died, as the GCS recorded it: its node's death, or the worker's exit type and detail."""
+    import ray
+
+    where = f"worker pid {worker['pid']} on node {worker['node'][:8]}"
+    for node in ray.nodes():
+        if node["NodeID"] == worker["node"] and not node["Alive"]:
+            return f"{where}: its node ({node['NodeManagerAddress']}) was lost: {node.get('DeathReasonMessage') or '-'}"
+    try:
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        accessor = ray._private.state.state._connect_and_get_accessor()
+        info = accessor.get_worker_info(ray.WorkerID(bytes.fromhex(worker["worker"])))
+        record = gcs_pb2.WorkerTableData.FromString(info) if info else None
+    except Exception as e:  # a private API of Ray's: say what is known
+        return f"{where}: died (its exit record could not be read: {e})"
+    if record is None or record.is_alive:
+        return f"{where}: stopped before finishing (no exit recorded yet)"
+    kind = common_pb2.WorkerExitType.Name(record.exit_type)
+    return f"{where}: {kind}: {record.exit_detail.strip()}"
+
+
+def set_title(stage: str, shard: int, attempt: Attempt | None) -> None:
+    """Name the shard in the worker's process title (`ps` on a node shows ray::score:shard-00042), as Ray names a
+    worker after its task. Ray's own title setter; a Ray without it keeps its title."""
+    try:
+        from ray._raylet import setproctitle
+    except ImportError:
+        return
+    number = f":attempt-{attempt.number}" if attempt is not None else ""
+    setproctitle(f"ray::{stage}:shard-{shard:05d}{number}")
