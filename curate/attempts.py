@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAMESPACE = "curate"
+DETAIL_CHARS = 330  # of a worker's exit detail: Ray's own advice that follows the causes is left out
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def death_of(worker: dict[str, Any]) -> str:
     if record is None or record.is_alive:
         return f"{where}: stopped before finishing (no exit recorded yet)"
     kind = common_pb2.WorkerExitType.Name(record.exit_type)
-    return f"{where}: {kind}: {record.exit_detail.strip()}"
+    detail = record.exit_detail.strip()
+    return f"{where}: {kind}: {detail[:DETAIL_CHARS] + ' ...' if len(detail) > DETAIL_CHARS else detail}"
 
 
 def set_title(stage: str, shard: int, attempt: Attempt | None) -> None:

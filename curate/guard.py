@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from curate import attempts, fit, interrupt, storage
 from curate.config import Pipeline, StageConfig
 from curate.progress import Progress
+from curate.runfolder import StageDir
 from curate.watchdog import Watchdog
 
 TASK_ATTEMPTS = 4  # Ray runs a task whose worker died at most 4 times (max_retries 3, its default for tasks)
@@ -51,7 +52,7 @@ def remove_all_temporaries(stage_uri: str) -> None:
 def guarded(
     pipeline: Pipeline,
     stage: StageConfig,
-    stage_uri: str,
+    stage_dir: StageDir,
     progress: Progress,
     actors: bool,
     log: Callable[[str], None],
@@ -71,9 +72,9 @@ def guarded(
         with watchdog:
             yield StageGuard(ledger, retries, watchdog)
     except interrupt.Interrupted as stop:
-        done = f"{progress.shards_done} of {progress.shards_total} shards done"
-        stop.where = f"stage {stage.stage_name!r} ({done}, kept)"
-        remove_all_temporaries(stage_uri)
+        remove_all_temporaries(stage_dir.uri)
+        done = len(stage_dir.done_shards())  # markers on disk: results may not have reached the driver yet
+        stop.where = f"stage {stage.stage_name!r} ({done} of {progress.shards_total} shards done, kept)"
         raise
     finally:
         with contextlib.suppress(Exception):  # a lost GCS connection leaves a few small keys behind

@@ -94,8 +94,8 @@ class Watchdog:
         if not waiting or not fit.misfits(self.request, live):  # nothing of ours is stuck for want of a node
             self._reported = time.monotonic()
             return (
-                f"[{self.stage}] no shard finished for {idle:.0f} s; Ray reports no request of this stage that no "
-                f"node can meet (a long or stuck task?); still waiting",
+                f"[{self.stage}] no shard reported back for {idle:.0f} s; Ray holds no request of this stage that "
+                f"no node can meet, so still waiting (a long or stuck task?)",
                 False,
             )
         count = sum(c for _, c in waiting)
@@ -106,8 +106,8 @@ class Watchdog:
         )
         if addable and self.wait_for_autoscaler:
             return (
-                f"[{self.stage}] no shard finished for {idle:.0f} s; {count} worker(s) ({shape}) wait for a node the "
-                f"autoscaler can add; still waiting (ray.wait_for_autoscaler: true)",
+                f"[{self.stage}] no shard reported back for {idle:.0f} s; {count} worker(s) ({shape}) wait for a "
+                f"node the autoscaler can add; still waiting (ray.wait_for_autoscaler: true)",
                 False,
             )
         reasons = "\n  ".join(self.explain(live))
@@ -117,7 +117,7 @@ class Watchdog:
             else ""
         )
         return (
-            f"stage {self.stage!r} stopped: no shard finished for {idle:.0f} s while Ray holds {count} request(s) "
+            f"stage {self.stage!r} stopped: no shard reported back for {idle:.0f} s while Ray holds {count} request(s) "
             f"of its workers ({shape}) that no node of the cluster ({live.describe()}) can meet:\n  {reasons}\n"
             f"Finished shards are kept: run the same command on a cluster with such a node (or with smaller "
             f"resources) to resume{hint}.",
