@@ -13,9 +13,10 @@ What Ray 2.60 lets a driver read (checked on these machines, with only `ray[data
   written through the GCS's `ReportClusterConfig` call by the platform that runs the autoscaler. Ray 2.60's own
   autoscalers do not write it: the v1 monitor (`ray up`, `ray start --autoscaling-config`) publishes only a JSON
   status (`__autoscaling_status`, no node shapes) and the v2 autoscaler (KubeRay) its autoscaling state;
-- that an autoscaler runs at all: those two records.
+- that an autoscaler runs at all: the v2 flag, or a v1 status whose node types are not just the live nodes (every
+  `ray start --head` runs the v1 monitor, with a read-only provider that adds nothing unless given a config).
 Where an autoscaler runs but publishes no node types, a request that no live node meets is not refused before
-work (a node that fits may be added); it is reported, and the stall watchdog (curate.watchdog) decides later.
+work (a node that fits may be added); the stall watchdog (curate.watchdog) decides later.
 """
 
 from __future__ import annotations
@@ -158,24 +159,39 @@ def _why(key: str, amount: float, shapes: tuple[Capacity, ...]) -> str:
     )
 
 
+def _fits_some(key: str, amount: float, shapes: tuple[Capacity, ...]) -> bool:
+    return any(s.resources.get(key, 0.0) + 1e-9 >= amount for s in shapes)
+
+
+def _not_together(request: dict[str, float], shapes: tuple[Capacity, ...]) -> str:
+    """Each part of the request fits some node, but no node holds all of it: say what the nodes that hold its
+    rarest part (a GPU, a custom resource, ... before memory and CPUs) lack."""
+    asks = " and ".join(_amount(k, v) for k, v in request.items() if not k.startswith(ACCELERATOR))
+    anchor = min(request, key=lambda k: (k == "CPU", k == "memory"))
+    holders = [s for s in shapes if holds(s.resources, {anchor: request[anchor]})]
+    lacking = []
+    for key, amount in request.items():
+        most = max(s.resources.get(key, 0.0) for s in holders)
+        if key != anchor and most + 1e-9 < amount:
+            lacking.append(_amount(key, most))
+    rare = f"accelerator type {anchor[len(ACCELERATOR) :]}" if anchor.startswith(ACCELERATOR) else None
+    with_it = rare or _amount(anchor, request[anchor])
+    return (
+        f"asks {asks} per worker together, but no node has all of it: the nodes with {with_it} have at most "
+        f"{', '.join(lacking)}"
+    )
+
+
 def misfits(request: dict[str, float], cluster: Cluster) -> list[tuple[str, str]]:
     """(field, problem) for a request that no node, nor node type an autoscaler can add, can hold; empty when
     one can (or when an autoscaler runs that publishes no node types: it may add one that fits)."""
     shapes = cluster.shapes
-    if any(holds(s.resources, request) for s in shapes):
-        return []
-    if cluster.autoscaler and not cluster.node_types:
+    if any(holds(s.resources, request) for s in shapes) or (cluster.autoscaler and not cluster.node_types):
         return []
     if not shapes:
         return [("", "the cluster has no live node")]
-    problems = [(field_of(k), _why(k, v, shapes)) for k, v in request.items() if not any(
-                 s.resources.get(k, 0.0) + 1e-9 >= v for s in shapes)]  # fmt: skip
-    if not problems:  # each part fits some node, but none has all of it at once
-        asks = " and ".join(_amount(k, v) for k, v in request.items() if not k.startswith(ACCELERATOR))
-        closest = max(shapes, key=lambda s: sum(s.resources.get(k, 0.0) >= v for k, v in request.items()))
-        problems.append(("", f"asks {asks} per worker together, but no node has all of it at once "
-                             f"(closest: {closest.name}: {describe_offer(closest.resources, request)})"))  # fmt: skip
-    return problems
+    problems = [(field_of(k), _why(k, v, shapes)) for k, v in request.items() if not _fits_some(k, v, shapes)]
+    return problems or [("", _not_together(request, shapes))]
 
 
 def describe_offer(offer: dict[str, float], request: Iterable[str]) -> str:

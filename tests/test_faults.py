@@ -337,3 +337,28 @@ def test_requests_no_node_can_meet_are_refused_before_any_work(cluster, images, 
     assert check.returncode == 1, check.stderr
     assert "fits:      0 of 3 live nodes (see below)" in check.stdout and "fits:      2 of 3" in check.stdout
     assert "stages[1].resources.num_gpus: stage 'sscd' asks 1 GPU per worker" in check.stderr
+
+
+def test_node_types_an_autoscaler_publishes_are_checked_too(cluster, images, tmp_path):
+    """A platform that runs an autoscaler reports the node types it can add to the GCS (ReportClusterConfig, what
+    Ray Data and Ray Train read); `curate check --address` counts them beside the live nodes."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    group = autoscaler_pb2.NodeGroupConfig(name="cpu-4", resources={"CPU": 4}, min_count=0, max_count=3)
+    gcs = GcsClient(address=cluster.address)
+    gcs.report_cluster_config(autoscaler_pb2.ClusterConfig(node_group_configs=[group]).SerializeToString())
+    try:
+        path = pipeline(tmp_path, images, "big", cpus=8)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        check = subprocess.run([sys.executable, "-m", "curate.cli", "check", str(path), "--address", cluster.address],
+                               capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    finally:
+        gcs.report_cluster_config(autoscaler_pb2.ClusterConfig().SerializeToString())
+    assert check.returncode == 1, check.stderr
+    assert "(3 live nodes and 1 node type(s) its autoscaler can add)" in check.stdout
+    assert "fits:      2 of 3 live nodes; can be added: node type cpu-4 (autoscaler: up to 3)" in check.stdout
+    assert (
+        "stages[1].resources.num_cpus: stage 'sscd' asks 8 CPUs per worker, but the largest node type cpu-4 "
+        "has 4 CPUs" in check.stderr
+    )
