@@ -329,16 +329,18 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
                 storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
             reported: set[int] = set()
             try:
-                for result in _map_shards(spec, job, pending).iter_rows():
-                    guarded.tick()
-                    reported.add(int(result["shard"]))
-                    if result["ok"]:
-                        progress.update(int(result["rows"]))
-                        if result["note"]:
-                            log(f"[{name}] shard {result['shard']} done after its worker died:\n{result['note']}")
-                    else:
-                        failures[int(result["shard"])] = str(result["error"])
-                        progress.update(0, ok=False)
+                # closed on the way out, so an interruption stops Ray Data's executor (and its actors) at once
+                with contextlib.closing(iter(_map_shards(spec, job, pending).iter_rows())) as rows:
+                    for result in rows:
+                        guarded.tick()
+                        reported.add(int(result["shard"]))
+                        if result["ok"]:
+                            progress.update(int(result["rows"]))
+                            if result["note"]:
+                                log(f"[{name}] shard {result['shard']} done after its worker died:\n{result['note']}")
+                        else:
+                            failures[int(result["shard"])] = str(result["error"])
+                            progress.update(0, ok=False)
             except Exception as e:  # Ray Data stopped the stage (for example actors that die while starting)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise RunError(
