@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,27 @@ class Ledger:
         from ray.experimental.internal_kv import _internal_kv_del
 
         _internal_kv_del(f"{self.prefix}{shard}", namespace=NAMESPACE)
+
+    def refuse(self, shard: int) -> None:
+        """Mark the last start of `shard` as one that did no work (its retries were used up)."""
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        starts = self.history(shard)
+        if starts:
+            starts[-1]["refused"] = True
+            _internal_kv_put(f"{self.prefix}{shard}", json.dumps(starts), namespace=NAMESPACE)
+
+    def in_flight(self) -> list[tuple[int, dict[str, Any]]]:
+        """(shard, the worker of its last start) for every shard started and not finished (nor refused)."""
+        from ray.experimental.internal_kv import _internal_kv_list
+
+        found = []
+        for key in _internal_kv_list(self.prefix, namespace=NAMESPACE):
+            shard = int(key.decode()[len(self.prefix) :])
+            starts = self.history(shard)
+            if starts and not starts[-1].get("refused"):
+                found.append((shard, starts[-1]))
+        return found
 
     def history(self, shard: int) -> list[dict[str, Any]]:
         from ray.experimental.internal_kv import _internal_kv_get
@@ -102,6 +124,39 @@ def begin(ledger: Ledger, shard: int, retries: int) -> Attempt | None:
     return Attempt(shard, len(earlier) + 1, retries + 1, earlier)
 
 
+def wait_stopped(ledger: Ledger, timeout_s: float = 10.0) -> list[int]:
+    """After a stage was stopped (its actors killed, its tasks cancelled, which Ray does asynchronously): wait until
+    no worker of it is still on a shard, so nothing is written after the caller cleans up. Returns the shards whose
+    worker was still alive at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            busy = [shard for shard, worker in ledger.in_flight() if alive(worker)]
+        except Exception:  # the record cannot be read: nothing to wait for
+            return []
+        if not busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.05)
+
+
+def _exit_record(worker: dict[str, Any]) -> Any:
+    """The GCS worker table's record of a worker (exit type and detail once it died), or None."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    info = accessor.get_worker_info(ray.WorkerID(bytes.fromhex(worker["worker"])))
+    return gcs_pb2.WorkerTableData.FromString(info) if info else None
+
+
+def alive(worker: dict[str, Any]) -> bool:
+    try:
+        record = _exit_record(worker)
+    except Exception:  # a private API of Ray's: do not wait on what cannot be read
+        return False
+    return record is not None and record.is_alive
+
+
 def describe_starts(starts: list[dict[str, Any]]) -> str:
     return "\n".join(f"  start {i}: {death_of(w)}" for i, w in enumerate(starts, 1))
 
@@ -115,11 +170,9 @@ def death_of(worker: dict[str, Any]) -> str:
         if node["NodeID"] == worker["node"] and not node["Alive"]:
             return f"{where}: its node ({node['NodeManagerAddress']}) was lost: {node.get('DeathReasonMessage') or '-'}"
     try:
-        from ray.core.generated import common_pb2, gcs_pb2
+        from ray.core.generated import common_pb2
 
-        accessor = ray._private.state.state._connect_and_get_accessor()
-        info = accessor.get_worker_info(ray.WorkerID(bytes.fromhex(worker["worker"])))
-        record = gcs_pb2.WorkerTableData.FromString(info) if info else None
+        record = _exit_record(worker)
     except Exception as e:  # a private API of Ray's: say what is known
         return f"{where}: died (its exit record could not be read: {e})"
     if record is None or record.is_alive:

@@ -72,6 +72,9 @@ def guarded(
         with watchdog:
             yield StageGuard(ledger, retries, watchdog)
     except interrupt.Interrupted as stop:
+        still = attempts.wait_stopped(ledger)  # Ray kills the stage's workers asynchronously
+        if still:
+            log(f"[{stage.stage_name}] workers on shards {still} were still running; their leftovers go on resume")
         remove_all_temporaries(stage_dir.uri)
         done = len(stage_dir.done_shards())  # markers on disk: results may not have reached the driver yet
         stop.where = f"stage {stage.stage_name!r} ({done} of {progress.shards_total} shards done, kept)"

@@ -84,6 +84,8 @@ def run_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
     again (curate.attempts); a shard done after such deaths says so in `note`."""
     attempt = attempts.begin(job.ledger, task.index, job.retries) if job.ledger is not None else None
     if attempt is not None and attempt.exhausted:
+        with contextlib.suppress(Exception):
+            job.ledger.refuse(task.index)  # type: ignore[union-attr]
         return {"shard": task.index, "ok": False, "rows": 0, "error": attempt.failure(job.context.stage_name)}
     attempts.set_title(job.context.stage_name, task.index, attempt)
     result = execute_shard(job, task, state)
