@@ -87,17 +87,20 @@ def describe(
     return "\n".join(lines)
 
 
-def read_cluster(pipeline: Pipeline, stages: list, address: str | None) -> tuple[fit.Cluster | None, list[str]]:
-    """With a cluster address (--address, RAY_ADDRESS, ray.address): its nodes, and the `file:line: field:
-    problem` of every stage whose workers fit none of them (curate.fit). Without one: nothing (no Ray started)."""
+def read_cluster(
+    pipeline: Pipeline, stages: list, run: RunDir, address: str | None
+) -> tuple[fit.Cluster | None, list[str]]:
+    """With `--address`: the cluster's nodes, and the `file:line: field: problem` of every stage to run whose
+    workers fit none of them (curate.fit). Without it: nothing, and no Ray is started or joined."""
     from curate.cluster import ray_session
 
-    where = resolve_address(address, pipeline.ray)
-    if not where:
+    if not address:
         return None, []
+    local = not storage.has_scheme(run.uri) or run.uri.lower().startswith("file://")
+    pending = [s for s in stages if not (local and run.stage(s.stage_name).is_complete())]
     try:
-        with ray_session(where, pipeline.ray):
+        with ray_session(address, pipeline.ray):
             cluster = fit.read_cluster()
     except (ConnectionError, RuntimeError, ValueError) as e:  # what ray.init raises for an address it cannot use
-        return None, [f"cannot read the Ray cluster at {where}: {e}"]
-    return cluster, fit.check_stages(pipeline, stages, cluster)
+        return None, [f"cannot read the Ray cluster at {address}: {e}"]
+    return cluster, fit.check_stages(pipeline, pending, cluster)

@@ -54,8 +54,7 @@ def _check(args: argparse.Namespace) -> int:
         run = RunDir(storage.absolute(args.output or pipeline.output))
         selected = select_stages(pipeline, _stages(args.stages), run, _stages(args.redo))
         redone = [s.stage_name for s in redo_stages(pipeline, _stages(args.redo))]
-        pending = [s for s in selected if not run.stage(s.stage_name).is_complete()]
-        cluster, problems = read_cluster(pipeline, pending, args.address)  # only with an address: no Ray started
+        cluster, problems = read_cluster(pipeline, selected, run, args.address)  # only with --address
     except RunError as e:
         print(f"curate check: {e}", file=sys.stderr)
         return 1
@@ -178,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a pipeline and print its plan without doing any work")
     check.add_argument("pipeline")
     check.add_argument("--output")
-    check.add_argument("--address")
+    check.add_argument(
+        "--address", help="a Ray cluster to check each stage's resources against (joins it, runs nothing)"
+    )
     check.add_argument("--stages")
     check.add_argument("--redo", help="as for run: checks the names; nothing is removed")
     check.set_defaults(func=_check)
