@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"curate run: {e.reason}", file=sys.stderr)
         else:
             print(
-                f"curate run: stopped by {e.signal_name} during {e.where or 'start-up'}; run the same command again "
+                f"curate run: stopped by {e.signal_name} during {e.where or 'the run'}; run the same command again "
                 f"to resume",
                 file=sys.stderr,
             )
