@@ -124,19 +124,60 @@ def begin(ledger: Ledger, shard: int, retries: int) -> Attempt | None:
     return Attempt(shard, len(earlier) + 1, retries + 1, earlier)
 
 
-def wait_stopped(ledger: Ledger, timeout_s: float = 10.0) -> list[int]:
-    """After a stage was stopped (its actors killed, its tasks cancelled, which Ray does asynchronously): wait until
-    no worker of it is still on a shard, so nothing is written after the caller cleans up. Returns the shards whose
-    worker was still alive at the timeout."""
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """On a node: wait until these processes have exited (or are zombies); returns those still running."""
     deadline = time.monotonic() + timeout_s
     while True:
+        running = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        running.append(pid)
+            except OSError:
+                continue
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.02)
+
+
+def wait_stopped(ledger: Ledger, timeout_s: float = 10.0) -> list[int]:
+    """After a stage was stopped (its actors killed, its tasks cancelled, which Ray does asynchronously): wait until
+    the processes of the workers that were on a shard have exited, so nothing is written after the caller cleans up.
+    Ray's own record says a killed worker is dead before its process is gone, so the wait is done on each node by a
+    small task (no CPU) that watches the pids. Returns the shards whose worker was still running at the timeout."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    deadline = time.monotonic() + timeout_s
+    watched: set[tuple[str, int]] = set()
+    left: list[int] = []
+    while time.monotonic() < deadline:
         try:
-            busy = [shard for shard, worker in ledger.in_flight() if alive(worker)]
+            busy = [(shard, w) for shard, w in ledger.in_flight() if (w["node"], w["pid"]) not in watched]
         except Exception:  # the record cannot be read: nothing to wait for
-            return []
-        if not busy or time.monotonic() > deadline:
-            return busy
-        time.sleep(0.05)
+            return left
+        if not busy:
+            return left
+        live = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        by_node: dict[str, list[tuple[int, int]]] = {}
+        for shard, worker in busy:
+            watched.add((worker["node"], worker["pid"]))
+            if worker["node"] in live:  # on a lost node nothing runs any more
+                by_node.setdefault(worker["node"], []).append((shard, worker["pid"]))
+        waits = {
+            node: ray.remote(_wait_gone)
+            .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote([pid for _, pid in held], max(0.0, deadline - time.monotonic()))
+            for node, held in by_node.items()
+        }
+        for node, ref in waits.items():
+            try:
+                running = set(ray.get(ref, timeout=max(1.0, deadline - time.monotonic() + 5)))
+            except Exception:
+                running = {pid for _, pid in by_node[node]}
+            left += [shard for shard, pid in by_node[node] if pid in running]
+    return left
 
 
 def _exit_record(worker: dict[str, Any]) -> Any:
@@ -147,14 +188,6 @@ def _exit_record(worker: dict[str, Any]) -> Any:
     accessor = ray._private.state.state._connect_and_get_accessor()
     info = accessor.get_worker_info(ray.WorkerID(bytes.fromhex(worker["worker"])))
     return gcs_pb2.WorkerTableData.FromString(info) if info else None
-
-
-def alive(worker: dict[str, Any]) -> bool:
-    try:
-        record = _exit_record(worker)
-    except Exception:  # a private API of Ray's: do not wait on what cannot be read
-        return False
-    return record is not None and record.is_alive
 
 
 def describe_starts(starts: list[dict[str, Any]]) -> str:
