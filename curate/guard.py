@@ -1,7 +1,7 @@
 """What runs around a stage's shard work so that a run can be trusted on a cluster: the record of shard starts
 (curate.attempts: a shard whose worker keeps dying fails after bounded retries), the stall watchdog
-(curate.watchdog), and a clean stop on SIGINT / SIGTERM or a stall (curate.interrupt): temporaries removed, what
-was interrupted named, the record actor stopped.
+(curate.watchdog), and a clean stop on SIGINT / SIGTERM or a stall (curate.interrupt): the stage's workers gone
+before its temporaries are removed, what was interrupted named, the record cleared.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from curate import attempts, fit, interrupt, storage
 from curate.config import Pipeline, StageConfig
-from curate.progress import Progress
 from curate.runfolder import StageDir
 from curate.watchdog import Watchdog
 
@@ -53,7 +52,7 @@ def guarded(
     pipeline: Pipeline,
     stage: StageConfig,
     stage_dir: StageDir,
-    progress: Progress,
+    shards: int,
     actors: bool,
     log: Callable[[str], None],
 ) -> Iterator[StageGuard]:
@@ -77,7 +76,7 @@ def guarded(
             log(f"[{stage.stage_name}] workers on shards {still} were still running; their leftovers go on resume")
         remove_all_temporaries(stage_dir.uri)
         done = len(stage_dir.done_shards())  # markers on disk: results may not have reached the driver yet
-        stop.where = f"stage {stage.stage_name!r} ({done} of {progress.shards_total} shards done, kept)"
+        stop.where = f"stage {stage.stage_name!r} ({done} of {shards} shards done, kept)"
         raise
     finally:
         with contextlib.suppress(Exception):  # a lost GCS connection leaves a few small keys behind

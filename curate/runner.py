@@ -319,7 +319,7 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     job = StageJob(stage.kind, stage, context)
     if pending:
         ensure_fits(pipeline, [stage])  # the cluster as it is now: it may have shrunk since the run began
-        with guard.guarded(pipeline, stage, stage_dir, progress, spec.setup is not None, log) as guarded:
+        with guard.guarded(pipeline, stage, stage_dir, len(tasks), spec.setup is not None, log) as guarded:
             job = StageJob(stage.kind, stage, context, guarded.ledger, guarded.retries)
             needs_global = spec.global_step is not None and spec.global_when(stage)
             if needs_global and not storage.exists(stage_dir.global_marker_uri):

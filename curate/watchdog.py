@@ -72,13 +72,10 @@ class Watchdog:
             if idle < self.timeout_s or time.monotonic() - self._reported < self.timeout_s:
                 continue
             try:
-                verdict = self.verdict(idle)
+                message, final = self.verdict(idle)
             except Exception as e:  # the GCS did not answer: look again at the next poll
                 self.log(f"[{self.stage}] watchdog: could not read Ray's pending requests: {e}")
                 continue
-            if verdict is None:
-                continue
-            message, final = verdict
             if not final:
                 self._reported = time.monotonic()
                 self.log(message)
@@ -86,13 +83,12 @@ class Watchdog:
             if not self._stop.is_set() and interrupt.stop_main_thread(message):
                 return
 
-    def verdict(self, idle: float) -> tuple[str, bool] | None:
-        """A message about the stall and whether it ends the run; None when there is nothing to say yet."""
+    def verdict(self, idle: float) -> tuple[str, bool]:
+        """A message about the stall, and whether it ends the run."""
         waiting = [(shape, count) for shape, count in pending_requests() if shape == self.request]
         cluster = fit.read_cluster()
         live = fit.Cluster(cluster.nodes)
         if not waiting or not fit.misfits(self.request, live):  # nothing of ours is stuck for want of a node
-            self._reported = time.monotonic()
             return (
                 f"[{self.stage}] no shard reported back for {idle:.0f} s; Ray holds no request of this stage that "
                 f"no node can meet, so still waiting (a long or stuck task?)",
@@ -118,7 +114,7 @@ class Watchdog:
         )
         return (
             f"stage {self.stage!r} stopped: no shard reported back for {idle:.0f} s while Ray holds {count} request(s) "
-            f"of its workers ({shape}) that no node of the cluster ({live.describe()}) can meet:\n  {reasons}\n"
+            f"of its workers ({shape}) that no node of the cluster ({cluster.describe()}) can meet:\n  {reasons}\n"
             f"Finished shards are kept: run the same command on a cluster with such a node (or with smaller "
             f"resources) to resume{hint}.",
             True,
