@@ -4,8 +4,10 @@ memory by the kernel or Ray, a crash in native code, a lost node) becomes that s
 
 Ray Data cannot bound this per shard: its actor pool restarts a dead actor and retries its tasks without limit
 (`max_restarts=-1`, `max_task_retries=-1` in 2.60), and a bounded `max_restarts` leaves a dead actor in the pool that
-is never replaced, so the pool waits for ever. Tasks of task-pool stages are retried by Ray itself at most 3 times
-(its `max_retries` default); Ray Data then drops their block and the runner reports the shard from this record.
+is never replaced, so the pool waits for ever. Tasks of task-pool stages are run by Ray at most 4 times (its
+`max_retries` default, 3), so for them the bound is at most 2 retries and the 4th start reports the failure; should
+Ray give up on a task anyway, Ray Data drops its block (the runner sets `max_errored_blocks=-1`) and the runner
+reports the shard from this record.
 
 The record is kept in the GCS's key-value store (what Ray Data and Ray Train keep their own small state in), one
 key per shard being worked on, holding the workers that started it (node, pid, worker id): about 100 bytes per
