@@ -126,37 +126,58 @@ def begin(ledger: Ledger, shard: int, retries: int) -> Attempt | None:
     return Attempt(shard, len(earlier) + 1, retries + 1, earlier)
 
 
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """On a node: wait until these processes have exited (or are zombies); returns those still running."""
+def shard_title(stage: str, shard: int) -> str:
+    return f"ray::{stage}:shard-{shard:05d}"
+
+
+def set_title(stage: str, shard: int, attempt: Attempt | None) -> None:
+    """Name the shard in the worker's process title while it works on it (`ps` on a node shows
+    ray::score:shard-00042:attempt-1), as Ray names a worker after its task and renames it when the task ends.
+    Ray's own title setter; a Ray without it keeps its title (and `wait_stopped` then waits for nothing)."""
+    try:
+        from ray._raylet import setproctitle
+    except ImportError:
+        return
+    number = f":attempt-{attempt.number}" if attempt is not None else ""
+    setproctitle(f"{shard_title(stage, shard)}{number}")
+
+
+def _wait_left(held: list[tuple[int, str]], timeout_s: float) -> list[int]:
+    """On a node: wait until each (pid, title) process has left its shard: exited, a zombie, or renamed (Ray renames
+    a worker when its task ends, also when the task was cancelled). Returns the pids still on their shard."""
     deadline = time.monotonic() + timeout_s
     while True:
-        running = []
-        for pid in pids:
+        busy = []
+        for pid, title in held:
             try:
                 with open(f"/proc/{pid}/stat") as stat:
-                    if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
-                        running.append(pid)
+                    zombie = stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    on_it = cmdline.read().split(b"\0")[0].decode(errors="replace").startswith(title)
             except OSError:
                 continue
-        if not running or time.monotonic() > deadline:
-            return running
+            if on_it and not zombie:
+                busy.append(pid)
+        if not busy or time.monotonic() > deadline:
+            return busy
         time.sleep(0.02)
 
 
-def wait_stopped(ledger: Ledger, timeout_s: float = 10.0) -> list[int]:
-    """After a stage was stopped (its actors killed, its tasks cancelled, which Ray does asynchronously): wait until
-    the processes of the workers that were on a shard have exited, so nothing is written after the caller cleans up.
-    Ray's own record says a killed worker is dead before its process is gone, so the wait is done on each node by a
-    small task (no CPU) that watches the pids. Returns the shards whose worker was still running at the timeout."""
+def wait_stopped(ledger: Ledger, stage: str, timeout_s: float = 10.0) -> list[int]:
+    """After a stage was stopped (Ray Data kills or releases its actors and cancels its tasks, all asynchronously):
+    wait until no worker is still on one of its shards, so nothing is written after the caller cleans up. Ray's own
+    record marks a killed worker dead before its process is gone, and a released actor lives on (idle) until the
+    driver exits, so the wait is done on each node by a small task (no CPU) that watches the workers' processes.
+    Returns the shards whose worker was still on them at the timeout."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     deadline = time.monotonic() + timeout_s
-    watched: set[tuple[str, int]] = set()
+    watched: set[tuple[str, int, int]] = set()
     left: list[int] = []
     while time.monotonic() < deadline:
         try:
-            busy = [(shard, w) for shard, w in ledger.in_flight() if (w["node"], w["pid"]) not in watched]
+            busy = [(s, w) for s, w in ledger.in_flight() if (w["node"], w["pid"], s) not in watched]
         except Exception:  # the record cannot be read: nothing to wait for
             return left
         if not busy:
@@ -164,21 +185,21 @@ def wait_stopped(ledger: Ledger, timeout_s: float = 10.0) -> list[int]:
         live = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         by_node: dict[str, list[tuple[int, int]]] = {}
         for shard, worker in busy:
-            watched.add((worker["node"], worker["pid"]))
+            watched.add((worker["node"], worker["pid"], shard))
             if worker["node"] in live:  # on a lost node nothing runs any more
                 by_node.setdefault(worker["node"], []).append((shard, worker["pid"]))
         waits = {
-            node: ray.remote(_wait_gone)
+            node: ray.remote(_wait_left)
             .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote([pid for _, pid in held], max(0.0, deadline - time.monotonic()))
+            .remote([(pid, shard_title(stage, shard)) for shard, pid in held], max(0.0, deadline - time.monotonic()))
             for node, held in by_node.items()
         }
         for node, ref in waits.items():
             try:
-                running = set(ray.get(ref, timeout=max(1.0, deadline - time.monotonic() + 5)))
+                busy_pids = set(ray.get(ref, timeout=max(1.0, deadline - time.monotonic() + 5)))
             except Exception:
-                running = {pid for _, pid in by_node[node]}
-            left += [shard for shard, pid in by_node[node] if pid in running]
+                busy_pids = {pid for _, pid in by_node[node]}
+            left += [shard for shard, pid in by_node[node] if pid in busy_pids]
     return left
 
 
@@ -215,14 +236,3 @@ def death_of(worker: dict[str, Any]) -> str:
     kind = common_pb2.WorkerExitType.Name(record.exit_type)
     detail = record.exit_detail.strip()
     return f"{where}: {kind}: {detail[:DETAIL_CHARS] + ' ...' if len(detail) > DETAIL_CHARS else detail}"
-
-
-def set_title(stage: str, shard: int, attempt: Attempt | None) -> None:
-    """Name the shard in the worker's process title (`ps` on a node shows ray::score:shard-00042), as Ray names a
-    worker after its task. Ray's own title setter; a Ray without it keeps its title."""
-    try:
-        from ray._raylet import setproctitle
-    except ImportError:
-        return
-    number = f":attempt-{attempt.number}" if attempt is not None else ""
-    setproctitle(f"ray::{stage}:shard-{shard:05d}{number}")

@@ -71,7 +71,7 @@ def guarded(
         with watchdog:
             yield StageGuard(ledger, retries, watchdog)
     except interrupt.Interrupted as stop:
-        still = attempts.wait_stopped(ledger)  # Ray kills the stage's workers asynchronously
+        still = attempts.wait_stopped(ledger, stage.stage_name)  # Ray kills the stage's workers asynchronously
         if still:
             log(f"[{stage.stage_name}] workers on shards {still} were still running; their leftovers go on resume")
         remove_all_temporaries(stage_dir.uri)
