@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from curate import storage
+from curate import fit, storage
 from curate.cluster import resolve_address
 from curate.config import Pipeline
 from curate.runfolder import RunDir
@@ -40,13 +40,27 @@ def _state(run: RunDir, name: str) -> str:
     return "not started"
 
 
-def describe(pipeline: Pipeline, output: str | None = None, address: str | None = None) -> str:
+def _fits(stage, cluster: fit.Cluster) -> str:
+    request = fit.request_of(stage.resources)
+    nodes = sum(fit.holds(n.resources, request) for n in cluster.nodes)
+    types = [t.name for t in cluster.node_types if fit.holds(t.resources, request)]
+    text = f"{nodes} of {len(cluster.nodes)} live nodes" + (f"; can be added: {', '.join(types)}" if types else "")
+    if not nodes and not types:
+        text += " (see below)" if fit.misfits(request, cluster) else " (an autoscaler may add one)"
+    return text
+
+
+def describe(
+    pipeline: Pipeline, output: str | None = None, address: str | None = None, cluster: fit.Cluster | None = None
+) -> str:
+    """The plan in words; with `cluster` (read from the cluster at `address`), where each stage's workers fit."""
     run = RunDir(storage.absolute(output or pipeline.output))
     where = resolve_address(address, pipeline.ray)
     lines = [
         f"pipeline {pipeline.name} ({pipeline.source}): valid",
         f"run folder: {run.uri}",
-        f"ray: {'cluster at ' + where if where else 'embedded local Ray, started and stopped by the command'}",
+        f"ray: {'cluster at ' + where if where else 'embedded local Ray, started and stopped by the command'}"
+        + (f" ({cluster.describe()})" if cluster is not None else ""),
         f"lease: expires {pipeline.lease.ttl_seconds:g} s after its last renewal, renewed every "
         f"{pipeline.lease.renew_seconds:g} s",
     ]
@@ -71,6 +85,26 @@ def describe(pipeline: Pipeline, output: str | None = None, address: str | None 
             f"     output:    {run.stage(stage.stage_name).uri}/shard-*.parquet",
             f"     models:    {', '.join(_roles(stage, pipeline)) or '-'}",
             f"     resources: {_resources(stage)}",
+            *([f"     fits:      {_fits(stage, cluster)}"] if cluster is not None else []),
             f"     state:     {_state(run, stage.stage_name)}",
         ]
     return "\n".join(lines)
+
+
+def read_cluster(
+    pipeline: Pipeline, stages: list, run: RunDir, address: str | None
+) -> tuple[fit.Cluster | None, list[str]]:
+    """With `--address`: the cluster's nodes, and the `file:line: field: problem` of every stage to run whose
+    workers fit none of them (curate.fit). Without it: nothing, and no Ray is started or joined."""
+    from curate.cluster import ray_session
+
+    if not address:
+        return None, []
+    local = not storage.has_scheme(run.uri) or run.uri.lower().startswith("file://")
+    pending = [s for s in stages if not (local and run.stage(s.stage_name).is_complete())]
+    try:
+        with ray_session(address, pipeline.ray):
+            cluster = fit.read_cluster()
+    except (ConnectionError, RuntimeError, ValueError) as e:  # what ray.init raises for an address it cannot use
+        return None, [f"cannot read the Ray cluster at {address}: {e}"]
+    return cluster, fit.check_stages(pipeline, pending, cluster)

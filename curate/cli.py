@@ -14,6 +14,7 @@ def _stages(value: str | None) -> list[str] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from curate.interrupt import Interrupted
     from curate.runner import RunError, run_pipeline
 
     pipeline = _with_lease_ttl(load_pipeline(args.pipeline), args.lease_ttl)
@@ -30,6 +31,16 @@ def _run(args: argparse.Namespace) -> int:
     except RunError as e:
         print(f"curate run: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if e.signum is None:  # the stall watchdog
+            print(f"curate run: {e.reason}", file=sys.stderr)
+        else:
+            print(
+                f"curate run: stopped by {e.signal_name} during {e.where or 'the run'}; run the same command again "
+                f"to resume",
+                file=sys.stderr,
+            )
+        return e.exit_code
     return 0
 
 
@@ -101,21 +112,26 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from curate import storage
-    from curate.check import describe
+    from curate.check import describe, read_cluster
     from curate.runfolder import RunDir
     from curate.runner import RunError, redo_stages, select_stages
 
     pipeline = load_pipeline(args.pipeline)
     try:
         run = RunDir(storage.absolute(args.output or pipeline.output))
-        select_stages(pipeline, _stages(args.stages), run, _stages(args.redo))
+        selected = select_stages(pipeline, _stages(args.stages), run, _stages(args.redo))
         redone = [s.stage_name for s in redo_stages(pipeline, _stages(args.redo))]
+        cluster, problems = read_cluster(pipeline, selected, run, args.address)  # only with --address
     except RunError as e:
         print(f"curate check: {e}", file=sys.stderr)
         return 1
-    print(describe(pipeline, args.output, args.address))
+    print(describe(pipeline, args.output, args.address, cluster))
     if redone:
         print(f"--redo would remove and run again: {', '.join(redone)}")
+    if problems:
+        print("does not fit the cluster; `curate run` would stop before these stages:", file=sys.stderr)
+        print("\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -253,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a pipeline and print its plan without doing any work")
     check.add_argument("pipeline")
     check.add_argument("--output")
-    check.add_argument("--address")
+    check.add_argument(
+        "--address", help="a Ray cluster to check each stage's resources against (joins it, runs nothing)"
+    )
     check.add_argument("--stages")
     check.add_argument("--redo", help="as for run: checks the names; nothing is removed")
     check.set_defaults(func=_check)

@@ -23,6 +23,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     ValidationInfo,
@@ -60,6 +62,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# resource names Ray sets itself (a `custom` request may not use them)
+RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "bundle")
+
+
 class Resources(Strict):
     """Ray resources of one stage; what a worker (task or actor) reserves and how many run at once."""
 
@@ -68,6 +74,20 @@ class Resources(Strict):
     concurrency: PositiveInt | None = None  # at most this many workers; None: as many as fit
     batch_size: PositiveInt | None = None  # rows per model call, for model stages
     memory: PositiveInt | None = None  # bytes of heap reserved per worker
+    # a node's accelerator (Ray's `accelerator_type`: A100, H100, TPU-V5E, ...), and custom resources a node
+    # declares (`ray start --resources`); both are requests Ray matches against a node's resources
+    accelerator_type: str | None = Field(None, min_length=1)
+    custom: dict[str, PositiveFloat] | None = None
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        reserved = [n for n in value or () if n in RAY_OWN_RESOURCES or n.startswith(("accelerator_type:", "node:"))]
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)}: set by Ray itself; use num_cpus, num_gpus, memory or accelerator_type"
+            )
+        return value
 
 
 class ModelSpec(Strict):
@@ -119,6 +139,15 @@ class RayConfig(Strict):
     num_cpus: PositiveInt | None = None  # only for the embedded local Ray
     num_gpus: int | None = Field(None, ge=0)
     object_store_memory: PositiveInt | None = None
+    # A stage that finishes no shard for this long while Ray holds demands of its shape that no node can
+    # meet is stopped with a message (curate.watchdog), instead of waiting forever.
+    stall_timeout_s: PositiveFloat = 600.0
+    # With an autoscaler that could add a node for such a demand: keep waiting for it (true) or stop (false).
+    wait_for_autoscaler: bool = False
+    # Times a shard is run again after its worker or node died while running it (Ray restarts the worker);
+    # then it is reported as that shard's failure (curate.attempts). Errors raised by the stage are not
+    # retried: they are reported at once.
+    shard_retries: NonNegativeInt = 3
 
 
 class LeaseConfig(Strict):

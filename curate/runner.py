@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from curate import __version__, lease, steps, storage
+from curate import __version__, attempts, fit, guard, interrupt, lease, steps, storage
 from curate.checksums import Digest
 from curate.cluster import ray_session, resolve_address
 from curate.config import Pipeline, StageConfig
@@ -45,6 +45,8 @@ class StageJob:
     kind: str
     config: StageConfig
     context: WorkContext
+    ledger: attempts.Ledger | None = None  # the record of shard starts; None: starts are not counted
+    retries: int = 0  # starts of a shard whose worker died, after the first, before it is reported failed
 
 
 def execute_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
@@ -82,13 +84,29 @@ def _tasks_from_batch(batch: dict[str, np.ndarray]) -> list[ShardTask]:
     return [ShardTask(int(i), tuple(json.loads(s))) for i, s in zip(batch["index"], batch["inputs"], strict=True)]
 
 
+def run_shard(job: StageJob, task: ShardTask, state: Any) -> dict[str, Any]:
+    """`execute_shard`, counted: a shard whose worker died in each of its allowed starts is reported, not started
+    again (curate.attempts); a shard done after such deaths says so in `note`."""
+    attempt = attempts.begin(job.ledger, task.index, job.retries) if job.ledger is not None else None
+    if attempt is not None and attempt.exhausted:
+        with contextlib.suppress(Exception):
+            job.ledger.refuse(task.index)  # type: ignore[union-attr]
+        return {"shard": task.index, "ok": False, "rows": 0, "error": attempt.failure(job.context.stage_name)}
+    attempts.set_title(job.context.stage_name, task.index, attempt)
+    result = execute_shard(job, task, state)
+    if job.ledger is not None:
+        with contextlib.suppress(Exception):  # a lost record only loses the bound
+            job.ledger.end(task.index)
+    return {**result, "note": attempt.deaths() if attempt is not None and attempt.earlier else ""}
+
+
 def _columns(results: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {name: [r[name] for r in results] for name in ("shard", "ok", "rows", "error")}
+    return {name: [r.get(name, "") for r in results] for name in ("shard", "ok", "rows", "error", "note")}
 
 
 def run_shard_batch(batch: dict[str, np.ndarray], job: StageJob) -> dict[str, list[Any]]:
     """Task-pool entry point for stages without per-worker state."""
-    return _columns([execute_shard(job, task, None) for task in _tasks_from_batch(batch)])
+    return _columns([run_shard(job, task, None) for task in _tasks_from_batch(batch)])
 
 
 class ShardActor:
@@ -101,7 +119,7 @@ class ShardActor:
         self.state = setup(job.config, job.context)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        return _columns([execute_shard(self.job, task, self.state) for task in _tasks_from_batch(batch)])
+        return _columns([run_shard(self.job, task, self.state) for task in _tasks_from_batch(batch)])
 
 
 def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
@@ -110,9 +128,9 @@ def _map_shards(spec: StageSpec, job: StageJob, tasks: list[ShardTask]):
     resources = job.config.resources
     items = [{"index": t.index, "inputs": json.dumps(list(t.inputs))} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
-    remote = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus or None}
-    if resources.memory:
-        remote["memory"] = resources.memory
+    # a block whose task Ray gave up on costs its shards only (reported from the record of starts), not the stage
+    ds.context.max_errored_blocks = -1
+    remote = {**fit.ray_options(resources), "num_gpus": resources.num_gpus or None}
     if spec.setup is None:
         return ds.map_batches(
             run_shard_batch,
@@ -139,11 +157,7 @@ def _closing_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir)
 
 
 def _task_options(job: StageJob) -> dict[str, Any]:
-    resources = job.config.resources
-    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-    if resources.memory:
-        options["memory"] = resources.memory
-    return options
+    return fit.ray_options(job.config.resources)
 
 
 def run_closing_step(job: StageJob, upstream: StageDir | None, stage_dir: StageDir) -> dict[str, Any]:
@@ -308,8 +322,7 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     upstream_cfg = pipeline.upstream(stage)
     upstream = run.stage(upstream_cfg.stage_name) if upstream_cfg else None
     expected = expected_rows(stage, tasks, upstream)
-    storage.remove_temporaries(stage_dir.uri)
-    storage.remove_temporaries(storage.join(stage_dir.uri, "_shards"))  # a marker's write killed halfway
+    guard.remove_all_temporaries(stage_dir.uri)
 
     done = stage_dir.done_shards()
     pending = [t for t in tasks if t.index not in done]
@@ -326,21 +339,44 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     context = WorkContext(run.uri, name, upstream.uri if upstream else None, dict(pipeline.models), joined)
     job = StageJob(stage.kind, stage, context)
     if pending:
-        needs_global = spec.global_step is not None and spec.global_when(stage)
-        if needs_global and not storage.exists(stage_dir.global_marker_uri):
-            log(f"[{name}] global step")
+        ensure_fits(pipeline, [stage])  # the cluster as it is now: it may have shrunk since the run began
+        with guard.guarded(pipeline, stage, stage_dir, len(tasks), spec.setup is not None, log) as guarded:
+            job = StageJob(stage.kind, stage, context, guarded.ledger, guarded.retries)
+            needs_global = spec.global_step is not None and spec.global_when(stage)
+            if needs_global and not storage.exists(stage_dir.global_marker_uri):
+                log(f"[{name}] global step")
+                try:
+                    summary = run_global_step(job, upstream, stage_dir, log)
+                except Exception as e:
+                    raise RunError(f"stage {name!r}: the global step failed; a re-run resumes it.\n{e}") from e
+                storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
+            reported: set[int] = set()
             try:
-                summary = run_global_step(job, upstream, stage_dir, log)
-            except Exception as e:
-                raise RunError(f"stage {name!r}: the global step failed; a re-run resumes it.\n{e}") from e
-            storage.write_json(stage_dir.global_marker_uri, {"completed_at": _utcnow(), **summary})
-        with stage_services(spec, job, log) as job:
-            for result in _map_shards(spec, job, pending).iter_rows():
-                if result["ok"]:
-                    progress.update(int(result["rows"]))
-                else:
-                    failures[int(result["shard"])] = str(result["error"])
-                    progress.update(0, ok=False)
+                # closed on the way out, so an interruption stops Ray Data's executor (and its actors) at once
+                with (
+                    stage_services(spec, job, log) as job,
+                    contextlib.closing(iter(_map_shards(spec, job, pending).iter_rows())) as rows,
+                ):
+                    for result in rows:
+                        guarded.tick()
+                        reported.add(int(result["shard"]))
+                        if result["ok"]:
+                            progress.update(int(result["rows"]))
+                            if result["note"]:
+                                log(f"[{name}] shard {result['shard']} done after its worker died:\n{result['note']}")
+                        else:
+                            failures[int(result["shard"])] = str(result["error"])
+                            progress.update(0, ok=False)
+            except RunError:
+                raise
+            except Exception as e:  # Ray Data stopped the stage (for example actors that die while starting)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RunError(
+                    f"stage {name!r}: Ray stopped the stage ({type(e).__name__}: {first}); finished shards are kept "
+                    f"and a re-run resumes"
+                ) from e
+            for shard in sorted({t.index for t in pending} - reported):  # Ray gave up on their tasks
+                failures[shard] = guarded.missing(shard, name)
     if failures:
         first = next(iter(sorted(failures)))
         raise RunError(
@@ -368,6 +404,22 @@ def run_stage(pipeline: Pipeline, run: RunDir, stage: StageConfig, log=print) ->
     storage.write_json(stage_dir.success_uri, record)
     log(f"[{name}] complete: {record['rows']:,} rows in {record['shards']} shards, status {record['status']}")
     return record
+
+
+def ensure_fits(pipeline: Pipeline, stages: list[StageConfig]) -> None:
+    """Stop before any work of `stages` when a worker of one of them fits no node of the cluster (curate.fit)."""
+    if not stages:
+        return
+    cluster = fit.read_cluster()
+    problems = fit.check_stages(pipeline, stages, cluster)
+    if problems:
+        names = [repr(s.stage_name) for s in stages if fit.stage_problems(pipeline, s, cluster)]
+        which = f"stage {names[0]}" if len(names) == 1 else f"stages {', '.join(names)}"
+        raise RunError(
+            f"{which} cannot run on this Ray cluster ({cluster.describe()}): no node can hold one of "
+            f"{'its' if len(names) == 1 else 'their'} workers; stopped before {'its' if len(names) == 1 else 'their'} "
+            f"work:\n" + "\n".join(f"  {p}" for p in problems)
+        )
 
 
 def _check_names(pipeline: Pipeline, names: list[str] | None, flag: str) -> None:
@@ -474,10 +526,12 @@ def _run_holding_lease(
     if fixing:
         entry["repair"] = {name: sorted(shards) if shards is not None else "all" for name, shards in fixing.items()}
     records: dict[str, dict[str, Any]] = {}
-    with ray_session(resolve_address(address, pipeline.ray), pipeline.ray, env) as where:
+    with interrupt.interruptible(), ray_session(resolve_address(address, pipeline.ray), pipeline.ray, env) as where:
+        interrupt.reinstall()  # ray.init replaced the SIGTERM handler
         log(f"run folder {run.uri} on {where}")
         report = RunReport(run.uri, log)  # RUN/_report/index.html after each stage and at the end
         try:
+            ensure_fits(pipeline, [s for s in selected if not run.stage(s.stage_name).is_complete()])
             for stage in selected:
                 records[stage.stage_name] = run_stage(pipeline, run, stage, log=log)
                 report.stage_done()
