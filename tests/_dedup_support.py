@@ -167,3 +167,87 @@ def read_decisions(run: Path):
     import pyarrow.parquet as pq
 
     return pa.concat_tables([pq.read_table(f) for f in sorted((run / "dedup").glob("shard-*.parquet"))])
+
+
+# -- incremental dedup: synthetic runs decided in this process (the algorithm, not the runner, under test) ---------
+
+
+def stage_rows(shards: list, prefix: str, seed: int = 0) -> list[dict]:
+    """Rows of synthetic `sscd` shards (one dict of columns per shard): keys ``make_key(f"{prefix}-{shard}-{row}")``,
+    random sizes (they decide the keep order), the vectors as float16."""
+    import numpy as np
+
+    from curate.schema import make_key
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for index, x in enumerate(shards):
+        rows = len(x)
+        out.append({
+            "key": [make_key(f"{prefix}-{index}-{r}") for r in range(rows)],
+            "side": rng.integers(100, 400, rows).astype(np.int32),
+            "x": np.asarray(x, np.float16),
+        })  # fmt: skip
+    return out
+
+
+def write_embedding_stage(run: Path, shards: list[dict]) -> None:
+    """A complete `sscd` stage in ``run`` from ``stage_rows`` shards (each row embedded, sha256 from its key)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from curate import storage
+    from curate.runfolder import RunDir, ShardStats
+    from curate.schema import SSCD_SCHEMA
+
+    stage = RunDir(str(run)).stage("sscd")
+    for index, shard in enumerate(shards):
+        rows = len(shard["key"])
+        table = pa.table(
+            {
+                "key": shard["key"],
+                "sscd": pa.FixedShapeTensorArray.from_numpy_ndarray(shard["x"]),
+                "status": ["ok"] * rows,
+                "error": [None] * rows,
+                "width": pa.array(shard["side"], pa.int32()),
+                "height": pa.array(shard["side"], pa.int32()),
+                "sha256": [hashlib.sha256(k.encode()).hexdigest() for k in shard["key"]],
+            }
+        )
+        storage.write_parquet_atomic(stage.shard(index), table.select(SSCD_SCHEMA.names).cast(SSCD_SCHEMA))
+        stage.write_marker(ShardStats(index, rows, {"ok": rows}, 0.0, 0))
+    storage.write_json(stage.success_uri, {"stage": "sscd", "shards": len(shards)})
+
+
+def dedup_in_process(run: Path, **settings) -> dict:
+    """The `dedup` stage of ``run`` (its `sscd` stage written already) as the runner runs it, in this process:
+    the global step's phases task by task (each task's marker written as on Ray), the shard tasks, the stage's
+    completion record. Returns the global step's summary."""
+    from curate import steps, storage
+    from curate.config import ModelSpec
+    from curate.runfolder import RunDir, ShardStats
+    from curate.stages.dedup import SPEC, DedupConfig
+    from curate.stages.spec import WorkContext
+
+    config = DedupConfig(kind="dedup", **settings)
+    run_dir = RunDir(str(run))
+    upstream, stage = run_dir.stage("sscd"), run_dir.stage("dedup")
+    context = WorkContext(str(run), "dedup", upstream.uri, {"sscd": ModelSpec(path=ONNX_SSCD)})
+    plan = SPEC.global_step(config, upstream, stage, context)
+    results = None
+    while True:
+        try:
+            phase = plan.send(results)
+        except StopIteration as stop:
+            summary = dict(stop.value or {})
+            break
+        results = {t.name: steps.run_task(stage.global_uri, phase.name, t)["result"] for t in phase.tasks}
+    storage.write_json(stage.global_marker_uri, summary)
+    for task in SPEC.plan(config, upstream):
+        output = SPEC.process(config, task, context, None)
+        storage.write_parquet_atomic(stage.shard(task.index), output.table)
+        stage.write_marker(ShardStats(task.index, output.table.num_rows, {}, 0.0, 0, output.extra))
+    storage.write_json(stage.success_uri, {"stage": "dedup", "kind": "dedup"})
+    storage.write_json(stage.record_uri, {"kind": "dedup", "upstream": "sscd"})
+    return summary
