@@ -5,8 +5,12 @@ The tests use the session's `ray_cluster` fixture (tests/conftest.py).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from curate.pipeline import parse_pipeline
@@ -251,3 +255,48 @@ def dedup_in_process(run: Path, **settings) -> dict:
     storage.write_json(stage.success_uri, {"stage": "dedup", "kind": "dedup"})
     storage.write_json(stage.record_uri, {"kind": "dedup", "upstream": "sscd"})
     return summary
+
+
+# -- a real multi-node Ray for the global step's resume tests --------------------------------------------------
+
+
+def start_driver(pipeline: Path, address: str, **kwargs) -> subprocess.Popen:
+    """`curate run PIPELINE --stages dedup` as a driver process joining the cluster at ``address``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "curate.cli", "run", str(pipeline), "--address", address, "--stages", "dedup"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+def markers(folder: Path, phase: str) -> dict[str, str]:
+    """The task markers of a global-step phase (name -> text)."""
+    return {p.name: p.read_text() for p in (folder / "_tasks" / phase).glob("*.json")}
+
+
+@pytest.fixture(scope="module", name="two_nodes")
+def two_nodes_cluster():
+    """A real multi-node Ray on this machine: a head and a worker node of one CPU each. Its temp
+    folder is private: Cluster writes the address file that a plain `ray.init()` on this machine would join."""
+    import shutil
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = private = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 128 * 2**20},
+    )
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(private, ignore_errors=True)

@@ -16,7 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _dedup_support import ONNX_SSCD, dedup_in_process, read_decisions, stage_rows, write_embedding_stage
+from _dedup_support import (  # noqa: F401 (two_nodes: a fixture)
+    ONNX_SSCD,
+    dedup_in_process,
+    read_decisions,
+    stage_rows,
+    two_nodes_cluster,
+    write_embedding_stage,
+)
 
 from curate.config import ConfigError
 from curate.dedup.cluster import normalize
@@ -226,3 +233,123 @@ def test_check_refuses_a_reference_that_is_no_index_or_was_made_with_another_mod
     with pytest.raises(ConfigError) as error:
         parse_pipeline(pipeline.read_text(), "increment.yaml", base_dir=tmp_path)
     assert len(error.value.problems) == 2
+
+
+# -- through the runner: the real int8 SSCD, the distributed step on Ray, a multi-node cluster ----------------------
+
+
+def _decontam_bench():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import dedup_decontam
+
+    return dedup_decontam
+
+
+def test_real_sscd_decontamination(tmp_path, ray_cluster):
+    """A small bench/dedup_decontam.py: 3 real reference images, 10 transformed copies of two of them (crop,
+    JPEG 30, downscale, grayscale, text overlay) among 4 unrelated images, the real int8 SSCD, at cosine 0.5. The
+    reference set is searched exactly, so what is found equals the exact all-pairs ceiling; the report's gallery
+    shows each removed copy beside its reference image."""
+    from curate.pipeline import load_pipeline
+    from curate.runner import run_pipeline
+
+    bench = _decontam_bench()
+    truth = bench.write_sets(tmp_path, ["astronaut", "coffee", "camera"], ["astronaut", "camera"],
+                             ["brick", "clock", "retina", "text"], transform_unrelated=False)  # fmt: skip
+    reference, train = bench.pipelines(tmp_path, [0.5])
+    for pipeline in (reference, train):
+        run_pipeline(load_pipeline(pipeline), log=lambda line: None)
+    (row,) = bench.evaluate(tmp_path, truth, [0.5])
+    print(row)
+    assert row["copies"] == 10 and row["unrelated"] == 4
+    assert row["found"] == row["ceiling_found"] >= 9 and row["right_original"] == row["found"]
+    assert row["false"] == row["ceiling_false"] == 0
+    report = json.loads((tmp_path / "runs" / "train" / "dedup-050" / "_report" / "dedup_report.json").read_text())
+    assert report["eval_overlap"] == row["found"] and report["references"][0]["search"] == "exact"
+    pairs = [p for band in report["gallery"][0]["bands"] if band["above_threshold"] for p in band["pairs"]]
+    assert pairs and all(p["similarity"] > 0.5 for p in pairs)
+    folder = tmp_path / "runs" / "train" / "dedup-050" / "_report"
+    assert all((folder / p["new_image"]).is_file() and (folder / p["reference_image"]).is_file() for p in pairs)
+
+
+DISTRIBUTED = {"single_process_rows": 0, "map_rows": 1000, "search_rows": 1500, "graph_rows": 3000,
+               "analysis_clusters": 4}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_distributed_against_equals_single_process(tmp_path, world, earlier, ray_cluster):
+    """The same new batch against run A, decided in one task in this process and as phases of Ray tasks through
+    the runner (3 probe groups, search tasks over touched clusters, a block task for a large cluster): the same
+    decisions, row for row, and the same index files' rows."""
+    from _dedup_support import run_dedup_only
+
+    run_a, batch_a = earlier
+    shards = stage_rows([_new_batch(world, batch_a).vectors(s) for s in range(3)], "b", seed=1)
+    against = [{"name": "a", "path": str(run_a / "dedup"), "search": "clusters"}]
+    single_run, distributed_run = tmp_path / "single", tmp_path / "distributed"
+    for run in (single_run, distributed_run):
+        write_embedding_stage(run, shards)
+    dedup_in_process(single_run, against=against, search_rows=1500)
+    images = tmp_path / "no-images"
+    images.mkdir()
+    run_dedup_only(distributed_run, images, {**DISTRIBUTED, "against": against, "resources": {"num_cpus": 1}})
+    one, many = read_decisions(single_run), read_decisions(distributed_run)
+    for column in one.column_names:
+        assert one[column].equals(many[column]), column
+    done = json.loads((distributed_run / "dedup" / "_global" / "_DONE.json").read_text())
+    assert done["path"] == "distributed" and done["against_removed"] > 250
+    assert {"x0-probe", "x0-plan", "x0-search", "x-resolve", "index-rows", "index-compact"} <= set(done["phases"])
+    for folder in (single_run, distributed_run):
+        index = _index_rows(folder / "dedup")
+        assert sorted(index["key"].to_pylist()) == sorted(r["key"] for r in one.to_pylist() if r["keep"])
+
+
+@pytest.mark.slow
+def test_multi_node_against_an_index_resumes_after_the_driver_is_killed(tmp_path, world, earlier, two_nodes):
+    """On a two-node Ray: a run against run A's index, its `curate run` driver SIGKILLed as soon as the reference
+    search has finished a task, then run again: finished tasks are not run again, and the decisions are those of
+    the same run decided in one task."""
+    import signal
+    import time
+
+    import yaml
+    from _dedup_support import dedup_only_pipeline, markers, start_driver
+
+    run_a, batch_a = earlier
+    shards = stage_rows([_new_batch(world, batch_a).vectors(s) for s in range(3)], "b", seed=1)
+    against = [{"name": "a", "path": str(run_a / "dedup"), "search": "clusters"}]
+    settings = {**DISTRIBUTED, "against": against, "precision": "fp32", "resources": {"num_cpus": 1}}
+    single_run, run = tmp_path / "single", tmp_path / "run"
+    for folder in (single_run, run):
+        write_embedding_stage(folder, shards)
+    dedup_in_process(single_run, against=against, precision="fp32", search_rows=1500)
+    images = tmp_path / "no-images"
+    images.mkdir()
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(dedup_only_pipeline(run, images, settings))
+    folder = run / "dedup" / "_global"
+    driver = start_driver(pipeline, two_nodes.address)
+    deadline = time.monotonic() + 240
+    while driver.poll() is None and time.monotonic() < deadline and not markers(folder, "x0-search"):
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    output = driver.communicate()[0]
+    assert driver.returncode == -signal.SIGKILL, output
+    kept = {phase: markers(folder, phase) for phase in ("x0-probe", "x0-search")}
+    assert kept["x0-search"] and not (folder / "_DONE.json").exists()
+    driver = start_driver(pipeline, two_nodes.address)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output
+    one, resumed = read_decisions(single_run), read_decisions(run)
+    for column in one.column_names:
+        assert one[column].equals(resumed[column]), column
+    for phase, texts in kept.items():
+        after = markers(folder, phase)
+        assert all(after[name] == text for name, text in texts.items()), phase
+    records = [json.loads(p.read_text()) for p in folder.glob("_tasks/*/*.json")]
+    assert len({r["node"] for r in records}) == 2
+    assert yaml.safe_load(pipeline.read_text())["stages"][2]["against"][0]["name"] == "a"

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _dedup_support import (
+from _dedup_support import (  # noqa: F401 (two_nodes: a fixture)
     dedup_only_pipeline,
+    markers,
     planted_embeddings,
     read_decisions,
     run_dedup_only,
+    start_driver,
+    two_nodes_cluster,
     write_sscd_stage,
 )
 
@@ -119,52 +120,12 @@ def test_distributed_decisions_equal_single_process(tmp_path, embeddings, images
     assert report["removed"] == removed and report["threshold_analysis"][0]["items"] > 0
 
 
-def _start(pipeline: Path, address: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "curate.cli", "run", str(pipeline), "--address", address, "--stages", "dedup"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
-
-
-def _markers(folder: Path, phase: str) -> dict[str, str]:
-    return {p.name: p.read_text() for p in (folder / "_tasks" / phase).glob("*.json")}
-
-
 def _fp32_pipeline(tmp_path: Path, run: Path, images: Path, resources: dict) -> Path:
     """The fp32 reference's settings, in 2 map groups (grouping and task sizes never change a decision)."""
     pipeline = tmp_path / "pipeline.yaml"
     settings = {**DISTRIBUTED, "map_rows": 1200, "precision": "fp32", "resources": resources}
     pipeline.write_text(dedup_only_pipeline(run, images, settings))
     return pipeline
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    """A real multi-node Ray on this machine: a head and a worker node of one CPU each. Its temp
-    folder is private: Cluster writes the address file that a plain `ray.init()` on this machine would join."""
-    import shutil
-    import tempfile
-
-    from ray.cluster_utils import Cluster
-
-    before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = private = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 128 * 2**20},
-    )
-    try:
-        cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        cluster.shutdown()
-        if before is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = before
-        shutil.rmtree(private, ignore_errors=True)
 
 
 def _workers(cluster) -> list[int]:
@@ -210,28 +171,28 @@ def test_multi_node_resume_after_the_driver_is_killed_in_each_sub_step(
     kept: dict[str, dict[str, str]] = {}
     killed_worker = None
     for phase in ("exact", "r0-kmeans", "r0-assign", "r0-search", "cc0", "greedy"):
-        driver = _start(pipeline, two_nodes.address)
+        driver = start_driver(pipeline, two_nodes.address)
         deadline = time.monotonic() + 180
         while driver.poll() is None and time.monotonic() < deadline:
             if phase == "r0-search" and killed_worker is None:
                 killed_worker = _kill_search_worker(two_nodes)
-            elif _markers(folder, phase):
+            elif markers(folder, phase):
                 break
             time.sleep(0.01)
         driver.send_signal(signal.SIGKILL)
         output = driver.communicate()[0]
         assert driver.returncode == -signal.SIGKILL, output  # killed, not finished
-        kept[phase] = _markers(folder, phase)
+        kept[phase] = markers(folder, phase)
         assert kept[phase], f"no task of {phase} finished before the kill:\n{output}"
         assert not (folder / "_DONE.json").exists()
     assert killed_worker is not None, "no search task was seen running"
-    driver = _start(pipeline, two_nodes.address)
+    driver = start_driver(pipeline, two_nodes.address)
     output = driver.communicate(timeout=300)[0]
     assert driver.returncode == 0, output
     _assert_same(read_decisions(run), references["fp32"])
-    for phase, markers in kept.items():  # finished before a kill: never run again
-        after = _markers(folder, phase)
-        assert all(after[name] == text for name, text in markers.items()), phase
+    for phase, texts in kept.items():  # finished before a kill: never run again
+        after = markers(folder, phase)
+        assert all(after[name] == text for name, text in texts.items()), phase
     search = [json.loads(p.read_text()) for p in (folder / "_tasks" / "r0-search").glob("*.json")]
     assert killed_worker not in {r["pid"] for r in search}  # its task finished in another worker
     records = [json.loads(p.read_text()) for p in (folder / "_tasks").glob("*/*.json")]
