@@ -151,21 +151,31 @@ def probe(where: Where, i: int, info: dict[str, Any], task: str, shards: list[tu
           params: DedupParams, flush_rows: int) -> dict[str, Any]:  # fmt: skip
     """The probe entries of a group of this run's shards: every embedded row once per (round, probed cluster),
     written by the reference's bucket and sorted by cluster; counts per cluster; the histogram of the rows'
-    similarity to their nearest round-0 centroid (drift)."""
+    similarity to their nearest round-0 centroid (drift). Entries are held as small integer arrays and their
+    vectors gathered once, in order, when written (``flush_rows`` rows at a time)."""
     small = index.load(info["index"], {"rounds": info["rounds"]})
     centroids, buckets = small["centroids"], small["buckets"]
     counts = np.zeros((info["rounds"], info["k"]), np.int64)
     histogram = np.zeros(index.HISTOGRAM_BINS, np.int64)
-    pending: dict[tuple[int, int], list[pa.Table]] = {}
+    held_ids: list[np.ndarray] = []
+    held_x: list[np.ndarray] = []
+    pending: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # rows, clusters, ranks
     held, flushes, rows_seen = 0, 0, 0
     flush_rows = max(ASSIGN_ROWS, flush_rows // ASSIGN_ROWS * ASSIGN_ROWS)  # chunks never split a product block
 
     def flush() -> None:
         nonlocal held, flushes
-        for (r, b), tables in sorted(pending.items()):
-            index.write_rows(root(where, i, f"r{r}", name("b", b), f"{task}-{flushes:04d}.parquet"),
-                             index.sort_rows(pa.concat_tables(tables)))  # fmt: skip
+        if held_x:
+            ids, x16 = np.concatenate(held_ids), np.concatenate(held_x)
+            for (r, b), parts in sorted(pending.items()):
+                rows, cluster, rank = (np.concatenate(p) for p in zip(*parts, strict=True))
+                order_ = np.lexsort((ids[rows], cluster))
+                rows, cluster, rank = rows[order_], cluster[order_], rank[order_]
+                index.write_rows(root(where, i, f"r{r}", name("b", b), f"{task}-{flushes:04d}.parquet"),
+                                 _entries(ids[rows], cluster, rank, x16[rows]))  # fmt: skip
         pending.clear()
+        held_ids.clear()
+        held_x.clear()
         held, flushes = 0, flushes + 1
 
     for shard, _ in shards:
@@ -178,19 +188,21 @@ def probe(where: Where, i: int, info: dict[str, Any], task: str, shards: list[tu
             x = _nearest_vectors(rows.vectors[sel], params)
             tops = probes_of(x, centroids, info["probes"], params)
             histogram += index.nearest_histogram(np.einsum("ij,ij->i", x.f32, centroids[0][tops[0][:, 0]]))
+            first = held  # this chunk's first position among the held rows
+            held_ids.append(rows.ids[sel])
+            held_x.append(rows.vectors[sel])
             for r, top in enumerate(tops):
                 p = top.shape[1]
                 cluster = top.reshape(-1)
-                member = np.repeat(np.arange(len(sel)), p)
+                member = first + np.repeat(np.arange(len(sel)), p)
                 rank = np.tile(np.arange(p, dtype=np.int8), len(sel))
                 counts[r] += np.bincount(cluster, minlength=info["k"])
                 bucket = buckets[r][cluster]
-                for b in np.unique(bucket).tolist():
-                    mine = bucket == b
-                    picked = sel[member[mine]]
-                    pending.setdefault((r, b), []).append(
-                        _entries(rows.ids[picked], cluster[mine], rank[mine], rows.vectors[picked])
-                    )
+                by_bucket = np.argsort(bucket, kind="stable")
+                edges = np.flatnonzero(np.r_[True, np.diff(bucket[by_bucket]) != 0, True])
+                for s0, s1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+                    part = by_bucket[s0:s1]
+                    pending.setdefault((r, int(bucket[part[0]])), []).append((member[part], cluster[part], rank[part]))
             held += len(sel)
             if held >= flush_rows:
                 flush()

@@ -181,7 +181,8 @@ def vector_array(x: np.ndarray) -> pa.Array:
     """(n, d) float16 -> a fixed-size binary column (measured several times faster than tensor columns)."""
     x = np.ascontiguousarray(x, np.float16)
     width = x.shape[1] * 2 if x.ndim == 2 else 0
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(1, width)), len(x), [None, pa.py_buffer(x.tobytes())])
+    # the array's own memory (no copy): callers pass arrays they no longer change
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(1, width)), len(x), [None, pa.py_buffer(x)])
 
 
 def vectors_of(column: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
