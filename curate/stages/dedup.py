@@ -107,9 +107,12 @@ class DedupConfig(StageConfig):
         )
 
     def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
-        """Every reference must be a complete dedup stage with an index."""
+        """Every reference must be a complete dedup stage with an index. Local folders only: references in an
+        object store are checked when the stage starts, before it reads a row (as other remote inputs are)."""
         problems = []
         for i, a in enumerate(self.against):
+            if _remote(a.path):
+                continue
             try:
                 index.read_manifest(a.path)
             except index.NotAnIndex as e:
@@ -125,6 +128,8 @@ class DedupConfig(StageConfig):
         identity = index.local_identity(spec.path)
         problems = []
         for i, a in enumerate(self.against):
+            if _remote(a.path):
+                continue
             try:
                 manifest = index.read_manifest(a.path)
             except index.NotAnIndex:
@@ -170,6 +175,10 @@ class DedupConfig(StageConfig):
         )
 
 
+def _remote(uri: str) -> bool:
+    return storage.has_scheme(uri) and not uri.startswith("file://")
+
+
 def keep_rank(order: str, keys: list[str], width: np.ndarray, height: np.ndarray) -> np.ndarray:
     """Position of each row in keep order (0 is kept first).
 
@@ -213,6 +222,8 @@ def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: A
     (upstream_uri,) = task.inputs
     stage = StageDir(storage.join(context.run_uri, context.stage_name))
     table = storage.read_parquet(storage.join(stage.global_uri, shard_name(task.index) + ".parquet"))
+    if "dup_reference" not in table.column_names:  # decided before references existed (a resumed older run)
+        table = table.append_column("dup_reference", pa.nulls(table.num_rows, pa.string()))
     table = table.cast(DEDUP_SCHEMA)
     upstream_keys = storage.read_parquet(upstream_uri, columns=["key"])["key"]
     if not table["key"].equals(upstream_keys):  # the global step saw another version of the upstream shard
