@@ -235,13 +235,14 @@ def plan(where: Where, i: int, info: dict[str, Any], search_rows: int) -> dict[s
     small = index.load(info["index"], {"rounds": info["rounds"]})
     tasks: list[dict[str, Any]] = []
     blocks: list[dict[str, Any]] = []
-    touched, read = [], 0
+    touched, read, products = [], 0, 0
     half = max(1, search_rows // 2)
     for r in range(info["rounds"]):
         sizes, buckets = small["sizes"][r], small["buckets"][r]
         hit = np.flatnonzero((counts[r] > 0) & (sizes > 0))
         touched.append(len(hit))
         read += int(sizes[hit].sum())
+        products += int((counts[r, hit] * sizes[hit]).sum())
         for b in np.unique(buckets[hit]).tolist():
             current: list[int] = []
             load = 0
@@ -265,6 +266,7 @@ def plan(where: Where, i: int, info: dict[str, Any], search_rows: int) -> dict[s
         "clusters": info["k"],
         "index_rows_read": read,
         "entries": int(counts.sum()),
+        "products": products,  # vector products of the search: probe entries x index rows, per cluster
     }
     storage.write_json(root(where, i, "plan.json"), result)
     return {k: v for k, v in result.items() if k not in ("tasks", "blocks")} | {
@@ -446,7 +448,7 @@ def search_in_memory(info: dict[str, Any], ids: np.ndarray, x16: np.ndarray, sta
     histogram = np.zeros(index.HISTOGRAM_BINS, np.int64)
     sample = sampled(ids, sample_every)
     x = Vectors.for_precision(normalize(x16), params.precision)
-    summary: dict[str, Any] = {"touched": [], "index_rows_read": 0, "entries": 0}
+    summary: dict[str, Any] = {"touched": [], "index_rows_read": 0, "entries": 0, "products": 0}
     if info["search"] == EXACT:
         everyone = np.arange(n)
         for file in exact_tasks(info):
@@ -455,6 +457,7 @@ def search_in_memory(info: dict[str, Any], ids: np.ndarray, x16: np.ndarray, sta
             _merge(found, f)
             _merge(near, m)
         summary["index_rows_read"] = info["rows"]
+        summary["products"] = n * info["rows"]
         return {"found": found, "near": near, "probe": probe_rank, "histogram": histogram, **summary}
     small = index.load(info["index"], {"rounds": info["rounds"]})
     centroids = small["centroids"]
@@ -480,6 +483,7 @@ def search_in_memory(info: dict[str, Any], ids: np.ndarray, x16: np.ndarray, sta
         hit = np.unique(cluster)
         summary["touched"].append(len(hit))
         summary["index_rows_read"] += int(sizes[hit].sum())
+        summary["products"] += int((np.bincount(cluster, minlength=len(sizes))[hit] * sizes[hit]).sum())
         for b in np.unique(buckets[hit]).tolist():
             clusters = hit[buckets[hit] == b]
             mine = np.isin(cluster, clusters)

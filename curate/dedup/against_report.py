@@ -35,6 +35,7 @@ def section(refs: list[dict[str, Any]], counts: list[dict[str, Any]], searched: 
             "clusters_touched": done.get("touched", []),
             "index_rows_read": done.get("index_rows_read", info["rows"] if info["search"] != CLUSTERS else 0),
             "probe_entries": done.get("entries", 0),
+            "products": done.get("products", 0),
         }
         if info["search"] == CLUSTERS:
             entry["drift"] = drift.summary(info, hist, ranks, new_rows)

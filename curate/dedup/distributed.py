@@ -306,7 +306,10 @@ def against_phases(settings: Settings, where: Where, shards: list[tuple[int, int
             ]  # fmt: skip
             if tasks:
                 yield from timed(_phase(label + "exact", tasks))
-            searched.append({"touched": [], "index_rows_read": info["rows"], "entries": 0})
+            rows = sum(r for _, r in shards)
+            searched.append(
+                {"touched": [], "index_rows_read": info["rows"], "entries": 0, "products": rows * info["rows"]}
+            )
             histograms.append([0] * index.HISTOGRAM_BINS)
     resolved = yield from timed(_phase("x-resolve", [
         GlobalTask(name("g", g.index), resolve.resolve, (where, g.index, refs, settings.gallery)) for g in groups

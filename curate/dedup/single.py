@@ -205,7 +205,7 @@ def search_references(settings: Settings, refs: list[dict[str, Any]], table: pa.
             "near_ids": ids[ok][close], "near_sim": near.sim[close], "near_codes": near.codes[close],
             "near_ref": near.ref[close],
         })  # fmt: skip
-        searched.append({k: out[k] for k in ("touched", "index_rows_read", "entries")})
+        searched.append({k: out[k] for k in ("touched", "index_rows_read", "entries", "products")})
         histograms.append(out["histogram"].tolist())
         ranks.append(np.bincount(probe[hit & (probe >= 0)], minlength=max(1, info["probes"])).tolist())
     decided = decide_removals(refs, per_ref, settings.gallery)
