@@ -9,6 +9,7 @@
     python bench/dedup.py --distributed 10000000      # the stage's distributed global step at 10M (~10 GB)
     python bench/dedup.py --compare 1000000           # distributed vs single-process global step, same data
     python bench/dedup.py --increment 2000000 100000  # B against run A's index vs a full dedup of A + B
+    python bench/dedup.py --probe-sweep 500000        # how many probes `against` needs (its default)
 
 Part 1, on N synthetic 512-d unit vectors with planted near-duplicate groups (curate.dedup.cluster.
 planted_vectors): time and pair recall of our dedup (default settings, and top-1 assignment for
@@ -335,6 +336,7 @@ def main() -> None:
     parser.add_argument("--distributed", type=int, help="N rows through the stage's distributed global step")
     parser.add_argument("--compare", type=int, help="N rows: distributed vs single-process global step")
     parser.add_argument("--increment", type=int, nargs=2, metavar=("A", "B"), help="B rows against A's index")
+    parser.add_argument("--probe-sweep", type=int, metavar="N", help="pairs found by probe count, N reference rows")
     parser.add_argument("--run-copies", type=float, default=0.05, help="--increment: B rows that copy A's rows")
     parser.add_argument("--folder", default="/tmp/curate-dedup-bench", help="where --distributed writes its data")
     parser.add_argument("--shard-rows", type=int, default=100_000, help="--distributed: rows per sscd shard")
@@ -351,6 +353,13 @@ def main() -> None:
     gpus = getattr(faiss, "get_num_gpus", lambda: 0)()
     print(f"# {platform.node()} faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
           f"GPUs seen by FAISS: {gpus}; load average {os.getloadavg()}")  # fmt: skip
+    if args.probe_sweep:
+        from dedup_increment import probe_sweep, write_json
+
+        rows = probe_sweep(args.probe_sweep, args.seed)
+        if args.json:
+            write_json(args.json, {"rows": rows})
+        return
     if args.increment:
         from dedup_increment import bench_increment, write_json
 

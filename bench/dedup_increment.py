@@ -251,3 +251,45 @@ def bench_increment(a_rows: int, b_rows: int, folder: Path, cpus: int, queries: 
 
 def write_json(path: str, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def probe_sweep(n: int, seed: int, pairs: int = 20_000) -> list[dict]:
+    """How many probes a new row needs: clusterings of N reference rows (the defaults' K, refine passes, two
+    rounds), new rows at cosine 0.75-0.99 to a random reference row (the hard end of copies included), and for
+    each probe count the share of those pairs where the reference row's nearest cluster is among the new row's
+    probes, in one round and in either of two. On structured embeddings (curate.dedup.synthetic) and on uniform
+    random vectors (the worst case). How `against`'s default probes were chosen."""
+    from dataclasses import replace
+
+    from curate.dedup.cluster import DedupParams, cluster, nearest_centroids, normalize, planted_vectors
+    from curate.dedup.products import Vectors
+    from curate.dedup.synthetic import Batch, World
+
+    rows = []
+    for label in ("structured", "uniform"):
+        if label == "structured":
+            x = Batch(World(seed=seed, topics=max(50, n // 250)), 1, max(1, n // 50_000), min(n, 50_000)).all_vectors()
+        else:
+            x, _ = planted_vectors(n, seed=seed)
+        params = replace(DedupParams().resolved(len(x)), assign_top=1)
+        vectors = Vectors.for_precision(x, "auto")
+        rng = np.random.default_rng(seed + 5)
+        a = rng.choice(len(x), pairs, replace=False)
+        target = rng.uniform(0.75, 0.99, pairs).astype(np.float32)[:, None]
+        noise = rng.standard_normal((pairs, x.shape[1])).astype(np.float32)
+        noise -= (noise * x[a]).sum(1, keepdims=True) * x[a]
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        new = Vectors.for_precision(normalize(target * x[a] + np.sqrt(1 - target**2) * noise), "auto")
+        hits = []
+        for r in range(2):
+            c = cluster(vectors, replace(params, seed=params.seed + r))
+            top = nearest_centroids(new, c.centroids, 32, params, False)
+            hits.append(top == c.assignment[a, 0][:, None])
+        for p in (1, 2, 4, 8, 12, 16, 24, 32):
+            one, two = hits[0][:, :p].any(1), hits[1][:, :p].any(1)
+            row = {"data": label, "n": len(x), "k": len(c.centroids), "probes": p,
+                   "one_round": float(one.mean()), "two_rounds": float((one | two).mean())}  # fmt: skip
+            print(f"{label:>10} N={len(x):,} K={row['k']:,} probes {p:>2}: pairs found, 1 round {row['one_round']:.4f},"
+                  f" 2 rounds {row['two_rounds']:.4f}", flush=True)  # fmt: skip
+            rows.append(row)
+    return rows

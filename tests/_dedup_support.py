@@ -257,6 +257,34 @@ def dedup_in_process(run: Path, **settings) -> dict:
     return summary
 
 
+def index_rows(stage: Path):
+    """Round 0's rows of a dedup stage's index (every kept row once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((stage / "_index" / "r0").glob("b*/run-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def earlier_run(run: Path, world, shards: int = 4, shard_rows: int = 1500):
+    """An earlier run A of synthetic embeddings (curate.dedup.synthetic) deduplicated in this process, its index
+    left behind. Returns (its folder, its batch)."""
+    from curate.dedup.synthetic import Batch
+
+    batch = Batch(world, 1, shards, shard_rows)
+    write_embedding_stage(run, stage_rows([batch.vectors(s) for s in range(batch.shards)], "a"))
+    dedup_in_process(run)
+    return run, batch
+
+
+def new_batch(world, earlier_batch, shards: int = 3, shard_rows: int = 1000):
+    """B: 10% near copies of the earlier batch's rows (from its shards other than the B shard's), 10% copies
+    inside B, a placeholder group."""
+    from curate.dedup.synthetic import Batch
+
+    return Batch(world, 2, shards, shard_rows, copies_of=earlier_batch, run_copy_fraction=0.1)
+
+
 # -- a real multi-node Ray for the global step's resume tests --------------------------------------------------
 
 

@@ -19,13 +19,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _dedup_support import (  # noqa: F401 (two_nodes: a fixture)
+    dedup_in_process,
     dedup_only_pipeline,
+    earlier_run,
+    index_rows,
     markers,
+    new_batch,
     planted_embeddings,
     read_decisions,
     run_dedup_only,
+    stage_rows,
     start_driver,
     two_nodes_cluster,
+    write_embedding_stage,
     write_sscd_stage,
 )
 
@@ -197,3 +203,70 @@ def test_multi_node_resume_after_the_driver_is_killed_in_each_sub_step(
     assert killed_worker not in {r["pid"] for r in search}  # its task finished in another worker
     records = [json.loads(p.read_text()) for p in (folder / "_tasks").glob("*/*.json")]
     assert len({r["node"] for r in records}) == 2  # both nodes ran tasks
+
+
+# -- a run against an earlier run's dedup index (`against:`; tests/test_dedup_against.py has the rest) ------------
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    from curate.dedup.synthetic import World
+
+    return earlier_run(tmp_path_factory.mktemp("A") / "run", World(topics=40))
+
+
+# small enough that the search of the reference takes every path: probe groups, tasks over touched clusters, and
+# clusters whose index rows and probe entries exceed search_rows searched in blocks
+AGAINST_DISTRIBUTED = {"single_process_rows": 0, "map_rows": 1000, "search_rows": 800, "graph_rows": 3000,
+                       "analysis_clusters": 4}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_multi_node_against_an_index_resumes_after_the_driver_is_killed(tmp_path, earlier, two_nodes):
+    """On a two-node Ray: a run against run A's index through `curate run`, as phases of Ray tasks (probe groups,
+    search tasks over the touched clusters only, a block task for a large cluster), its driver SIGKILLed as soon
+    as the reference search has finished a task, then run again: finished tasks are not run again, and the
+    decisions, row for row, and the index are those of the same run decided in one task in this process."""
+    import yaml
+
+    run_a, batch_a = earlier
+    shards = stage_rows([new_batch(batch_a.world, batch_a).vectors(s) for s in range(3)], "b", seed=1)
+    against = [{"name": "a", "path": str(run_a / "dedup"), "search": "clusters"}]
+    settings = {**AGAINST_DISTRIBUTED, "against": against, "precision": "fp32", "resources": {"num_cpus": 1}}
+    single_run, run = tmp_path / "single", tmp_path / "run"
+    for folder in (single_run, run):
+        write_embedding_stage(folder, shards)
+    dedup_in_process(single_run, against=against, precision="fp32", search_rows=800)
+    images = tmp_path / "no-images"
+    images.mkdir()
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(dedup_only_pipeline(run, images, settings))
+    folder = run / "dedup" / "_global"
+    driver = start_driver(pipeline, two_nodes.address)
+    deadline = time.monotonic() + 240
+    while driver.poll() is None and time.monotonic() < deadline and not markers(folder, "x0-search"):
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    output = driver.communicate()[0]
+    assert driver.returncode == -signal.SIGKILL, output
+    kept = {phase: markers(folder, phase) for phase in ("x0-probe", "x0-search")}
+    assert kept["x0-search"] and not (folder / "_DONE.json").exists()
+    driver = start_driver(pipeline, two_nodes.address)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output
+    one, resumed = read_decisions(single_run), read_decisions(run)
+    for column in one.column_names:
+        assert one[column].equals(resumed[column]), column
+    for phase, texts in kept.items():
+        after = markers(folder, phase)
+        assert all(after[name] == text for name, text in texts.items()), phase
+    records = [json.loads(p.read_text()) for p in folder.glob("_tasks/*/*.json")]
+    assert len({r["node"] for r in records}) == 2
+    assert yaml.safe_load(pipeline.read_text())["stages"][2]["against"][0]["name"] == "a"
+    done = json.loads((folder / "_DONE.json").read_text())
+    assert done["path"] == "distributed" and done["against_removed"] > 250
+    assert {"x0-probe", "x0-plan", "x0-search", "x-resolve", "index-rows", "index-compact"} <= set(done["phases"])
+    plan = json.loads((folder / "against" / "x00000" / "plan.json").read_text())
+    assert plan["blocks"] and sum(plan["touched"]) < plan["clusters"] * len(plan["touched"])
+    for stage in (single_run / "dedup", run / "dedup"):
+        assert sorted(index_rows(stage)["key"].to_pylist()) == sorted(r["key"] for r in one.to_pylist() if r["keep"])
