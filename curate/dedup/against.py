@@ -46,7 +46,7 @@ from curate.dedup.layout import (
     vectors_of,
     write_table,
 )
-from curate.dedup.matches import Found, best_of, match_table, search_groups
+from curate.dedup.matches import Found, best_of, match_table, search_groups, search_vectors
 from curate.dedup.order import Order
 from curate.dedup.products import ASSIGN_ROWS, Vectors, resolve_precision
 from curate.steps import read_array, write_array
@@ -139,6 +139,7 @@ def _nearest_vectors(x16: np.ndarray, params: DedupParams) -> Vectors:
 
 
 def _gpu(params: DedupParams) -> bool:
+    """FAISS's GPU flat index for the probes (as the run's own nearest-centroid passes)."""
     return gpu_available() if params.gpu is None else params.gpu
 
 
@@ -332,7 +333,7 @@ def search(where: Where, i: int, info: dict[str, Any], task: str, spec: dict[str
         chunk = spec["chunk"]
     ids = entries["id"].to_numpy()
     found, near = search_entries(
-        Vectors.for_precision(normalize(vectors_of(entries["vector"], d)), params.precision),
+        search_vectors(vectors_of(entries["vector"], d), params),
         np.arange(len(ids)),
         entries["cluster"].to_numpy(),
         index.read_clusters(index_files, clusters, chunk_rows=chunk),
@@ -363,7 +364,7 @@ def search_entries(rows_x: Vectors, entry_rows: np.ndarray, entry_cluster: np.nd
     row_sample = np.zeros(len(rows_x), bool)
     row_sample[entry_rows[sample]] = True
     for chunk in chunks:
-        ref = Vectors.for_precision(normalize(vectors_of(chunk["vector"], d)), params.precision)
+        ref = search_vectors(vectors_of(chunk["vector"], d), params)
         groups = _groups_by_cluster(entry_cluster, chunk["cluster"].to_numpy())  # entry positions, chunk positions
         as_rows = [(entry_rows[e], c) for e, c in groups]
         hits, misses = search_groups(rows_x, ref, chunk, as_rows, threshold, params.threads, row_sample,
@@ -413,7 +414,7 @@ def exact(where: Where, i: int, info: dict[str, Any], task: str, shards: list[tu
     if not ids or not sum(len(x) for x in ids):
         return {"rows": 0, "matches": 0}
     all_ids = np.concatenate(ids)
-    x = Vectors.for_precision(normalize(np.concatenate(vectors)), params.precision)
+    x = search_vectors(np.concatenate(vectors), params)
     found, near = search_entries(x, np.arange(len(all_ids)), np.zeros(len(all_ids), np.int64),
                                  _as_one_cluster(index.read_chunks(file, chunk_rows)),
                                  d, params, info["threshold"], sampled(all_ids, sample_every))  # fmt: skip
@@ -447,7 +448,7 @@ def search_in_memory(info: dict[str, Any], ids: np.ndarray, x16: np.ndarray, sta
     probe_rank = np.full(n, -1, np.int64)
     histogram = np.zeros(index.HISTOGRAM_BINS, np.int64)
     sample = sampled(ids, sample_every)
-    x = Vectors.for_precision(normalize(x16), params.precision)
+    x = search_vectors(x16, params)
     summary: dict[str, Any] = {"touched": [], "index_rows_read": 0, "entries": 0, "products": 0}
     if info["search"] == EXACT:
         everyone = np.arange(n)

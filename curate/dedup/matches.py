@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from curate.dedup.cluster import normalize
-from curate.dedup.layout import codes_of, vectors_of
-from curate.dedup.products import BF16_MARGIN, FP32_MARGIN, TILE, Precision, Vectors, run_parallel, similarity
+from curate.dedup.cluster import DedupParams, normalize
+from curate.dedup.layout import codes_of
+from curate.dedup.products import BF16_MARGIN, FP32_MARGIN, TILE, Vectors, run_parallel, similarity
 
 NONE = -1
 
@@ -68,18 +68,10 @@ def best_of(rows: np.ndarray, sim: np.ndarray, codes: np.ndarray, ref: np.ndarra
     return rows[first], sim[first], codes[first], ref[first]
 
 
-@dataclass
-class Side:
-    """Rows of one side of a product: normalised vectors (with a bf16 copy for bf16 candidates)."""
-
-    x: Vectors
-
-    @staticmethod
-    def of(x16: np.ndarray, precision: Precision) -> Side:
-        return Side(Vectors.for_precision(normalize(x16), precision))
-
-    def __len__(self) -> int:
-        return len(self.x)
+def search_vectors(x16: np.ndarray, params: DedupParams) -> Vectors:
+    """Normalised rows for this module's products: float32, and a bf16 copy where the CPU multiplies bf16
+    natively (the candidates). The one place the reference search makes its vectors (CPU products)."""
+    return Vectors.for_precision(normalize(x16), params.precision)
 
 
 def _tile_pairs(new: Vectors, ref: Vectors, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,10 +169,6 @@ def _joined(parts: list[Hits]) -> Hits:
     if not parts:
         return _no_hits()
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
-
-
-def table_side(table: pa.Table, d: int, precision: Precision) -> Vectors:
-    return Vectors.for_precision(normalize(vectors_of(table["vector"], d)), precision)
 
 
 def match_table(ids: np.ndarray, sim: np.ndarray, codes: np.ndarray, ref: np.ndarray, **extra) -> pa.Table:
