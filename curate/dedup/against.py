@@ -125,6 +125,12 @@ def plan_reference(ref: Reference, manifest: dict[str, Any], settings: Settings)
     }
 
 
+def reference_rows(info: dict[str, Any] | None) -> int:
+    """Index rows the references' search may read (every round's copy): the single-process step reads them in one
+    task, so beyond ten times its own row limit the step is distributed even for a small batch."""
+    return sum(r["rows"] * max(1, r["rounds"]) for r in (info or {}).get("references", []))
+
+
 def check_width(info: dict[str, Any], d: int) -> None:
     if info["rows"] and info["d"] != d:
         raise ValueError(f"against {info['name']}: its embeddings have {info['d']} dimensions, this run's {d}")

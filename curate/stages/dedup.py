@@ -208,7 +208,7 @@ def global_step(config: DedupConfig, upstream: StageDir | None, stage: StageDir,
     if settings.references or settings.index:  # before any row is read: the model's identity, the references
         task = GlobalTask("identify", against.identify, (where, settings, context.run_uri, context.stage_name))
         info = (yield GlobalPhase("identify", (task,)))["identify"]
-    if embedded <= settings.single_process_rows:
+    if embedded <= settings.single_process_rows and against.reference_rows(info) <= 10 * settings.single_process_rows:
         task = GlobalTask("single", single.run, (where, settings, shards, info, stage.uri))
         results = yield GlobalPhase("single", (task,))
         return results["single"]
