@@ -8,8 +8,8 @@ A, B and A + B are `sscd` stages written shard by shard (A + B links A's and B's
 
 Runs, each through `curate run` with an embedded Ray of the machine's CPUs and 4 GiB per task:
 1. A's dedup (its index is what B is searched against);
-2. B against A with the defaults (the global step path by N: one task for 100k rows), and with the distributed
-   path forced (every phase a set of bounded tasks) - the same decisions;
+2. B against A with the defaults (the distributed path: A's index is larger than one task should read), and with
+   the single-process path forced (one task) - the same decisions;
 3. a full dedup of A + B (distributed, 2.1M rows): the reference time. Target: incremental <= 0.15x full.
 Checks (exact, float32): every `seen_before` row's `dup_of` is a row of A's index and its similarity equals the
 true one; sampled pair recall against exact neighbours of B's rows among A's indexed rows; A's files unchanged;
@@ -180,13 +180,13 @@ def bench_increment(a_rows: int, b_rows: int, folder: Path, cpus: int, queries: 
     world = World(seed=seed, topics=max(100, a_rows // 400))
     a = Batch(world, 1, max(1, a_rows // 100_000), min(a_rows, 100_000))
     b = Batch(world, 2, max(1, b_rows // 10_000), min(b_rows, 10_000), copies_of=a, run_copy_fraction=run_copies)
-    runs = {name: folder / name for name in ("A", "B", "B-distributed", "AB", "B-alone")}
+    runs = {name: folder / name for name in ("A", "B", "B-single", "AB", "B-alone")}
     started = time.perf_counter()
     if not (runs["A"] / "sscd" / "_SUCCESS.json").exists():
         shutil.rmtree(folder, ignore_errors=True)
         write_stage(runs["A"], a, "a")
         print(f"# wrote A: {a.rows:,} rows in {a.shards} shards ({time.perf_counter() - started:.0f} s)", flush=True)
-    for name in ("B", "B-distributed"):
+    for name in ("B", "B-single"):
         shutil.rmtree(runs[name], ignore_errors=True)
         write_stage(runs[name], b, "b")
     shutil.rmtree(runs["AB"], ignore_errors=True)
@@ -212,12 +212,12 @@ def bench_increment(a_rows: int, b_rows: int, folder: Path, cpus: int, queries: 
     before = folder_digest(runs["A"])
     against = [{"name": "A", "path": str(runs["A"] / "dedup")}]
     incremental = run("B against A (defaults)", runs["B"], {"against": against})
-    distributed = run("B against A (distributed path)", runs["B-distributed"],
-                      {"against": against, "single_process_rows": 0})  # fmt: skip
+    one_task = run("B against A (single-process path)", runs["B-single"],
+                   {"against": against, "single_process_rows": 10**9})  # fmt: skip
     full = run("A + B: full dedup", runs["AB"], {})
     unchanged = folder_digest(runs["A"]) == before
     b_rows_ = decisions(runs["B"])
-    same_paths = all(b_rows_[c].equals(decisions(runs["B-distributed"])[c]) for c in b_rows_.column_names)
+    same_paths = all(b_rows_[c].equals(decisions(runs["B-single"])[c]) for c in b_rows_.column_names)
     checks = check_matches(runs["B"], runs["A"] / "dedup", threshold, queries, seed)
     taken = {r["key"] for r in b_rows_.to_pylist() if r["reason"] == "seen_before"}
     shutil.rmtree(runs["B-alone"], ignore_errors=True)
@@ -226,7 +226,7 @@ def bench_increment(a_rows: int, b_rows: int, folder: Path, cpus: int, queries: 
     within = same_within_run(runs["B"], runs["B-alone"])
     t_full = full["global_seconds"]
     print("\n## result")
-    for label, result in (("defaults", incremental), ("distributed", distributed)):
+    for label, result in (("defaults", incremental), ("single-process", one_task)):
         rss, task = largest(result)
         print(f"incremental ({label}) / full global step: {result['global_seconds']:.1f} / {t_full:.1f} s = "
               f"{result['global_seconds'] / t_full:.3f} (target <= 0.15); largest task {rss:.2f} GiB ({task}), "
@@ -238,7 +238,8 @@ def bench_increment(a_rows: int, b_rows: int, folder: Path, cpus: int, queries: 
           f"largest |recorded - true similarity| {c['max_similarity_error']:.2e} over {c['checked']:,}")  # fmt: skip
     print(f"sampled pair recall: {c['true_pairs']:,} exact float32 pairs (> {threshold}) of {c['sampled_rows']:,} "
           f"random B rows with A's indexed rows, recall {c['recall']:.4f} (target >= 0.99)")  # fmt: skip
-    print(f"A unchanged (every file's bytes): {unchanged}; defaults and distributed paths decide alike: {same_paths}")
+    print(f"A unchanged (every file's bytes): {unchanged}; distributed and single-process paths decide alike: "
+          f"{same_paths}")  # fmt: skip
     print(f"B's own decisions vs a standalone run of B without its {len(taken):,} seen_before rows: "
           f"{within['differ']} of {within['rows']:,} rows differ")  # fmt: skip
     out.update({"checks": checks, "unchanged": unchanged, "same_paths": same_paths, "within": within})
