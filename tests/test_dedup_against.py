@@ -112,6 +112,26 @@ def test_against_an_earlier_run_matches_brute_force(tmp_path, world, earlier, se
         assert row["similarity"] == other["similarity"] or (row["similarity"] is None and other["similarity"] is None)
 
 
+def test_a_small_batch_against_a_large_reference_searches_it_in_tasks(tmp_path, world, earlier):
+    """A batch one task can hold against an index larger than one task should read: the reference search runs as
+    phases of tasks, the batch's own dedup in one task; the same decisions as all in one task."""
+    run_a, batch_a = earlier
+    shards = stage_rows([new_batch(world, batch_a, shards=1, shard_rows=400).vectors(0)], "b", seed=3)
+    against = [{"name": "a", "path": str(run_a / "dedup"), "search": "clusters"}]
+    runs = {label: tmp_path / label for label in ("one-task", "tasks-then-one")}
+    for run in runs.values():
+        write_embedding_stage(run, shards)
+    dedup_in_process(runs["one-task"], against=against)
+    summary = dedup_in_process(runs["tasks-then-one"], against=against, single_process_rows=400)  # 10 x 400 < A
+    assert summary["path"] == "references distributed, then single-process"
+    phases = {p.name for p in (runs["tasks-then-one"] / "dedup" / "_global" / "_tasks").iterdir()}
+    assert {"x0-probe", "x0-search", "x-resolve", "single"} <= phases
+    one, two = read_decisions(runs["one-task"]), read_decisions(runs["tasks-then-one"])
+    assert int((np.array(one["reason"].to_pylist()) == "seen_before").sum()) > 20
+    for column in one.column_names:
+        assert one[column].equals(two[column]), column
+
+
 def test_the_index_holds_each_kept_row_once_per_round(earlier):
     run_a, _ = earlier
     stage = run_a / "dedup"

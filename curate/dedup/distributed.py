@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from curate.dedup import against, assign, decisions, exact, graph, index, index_write, resolve, search
+from curate.dedup import against, assign, decisions, exact, graph, index, index_write, resolve, search, single
 from curate.dedup.cluster import cluster_count, default_clusters, sample_plan
 from curate.dedup.layout import MIN_GROUP_ROWS, MIN_GROUPS, Group, Settings, Where, first_shards, group_shards, name
 from curate.steps import GlobalPhase, GlobalSteps, GlobalTask, PhaseResults
@@ -258,6 +258,22 @@ def _takes(rows: np.ndarray | None, offsets: np.ndarray, group: Group) -> np.nda
 
 
 Timed = Callable[[GlobalPhase], Generator[GlobalPhase, PhaseResults, PhaseResults]]
+
+
+def searched_then_single(settings: Settings, where: Where, shards: list[tuple[int, int]], d: int,
+                         info: dict[str, Any], stage_uri: str) -> GlobalSteps:  # fmt: skip
+    """A batch small enough for one task against references too large for one task to read: the references
+    searched by the distributed phases, then the batch's own dedup (and index, and report) in one task."""
+    groups = group_shards(shards, settings.map_task_rows())
+
+    def timed(phase: GlobalPhase):
+        return (yield phase)
+
+    searched = yield from against_phases(settings, where, shards, groups, first_shards(groups), d,
+                                         info["references"], timed)  # fmt: skip
+    task = GlobalTask("single", single.run, (replace(where, against=True), settings, shards, info, stage_uri, searched))
+    results = yield _phase("single", [task])
+    return {**results["single"], "path": "references distributed, then single-process"}
 
 
 def against_phases(settings: Settings, where: Where, shards: list[tuple[int, int]], groups: list[Group],

@@ -27,7 +27,7 @@ from curate.dedup.cluster import (
     nearest_centroids,
     normalize,
 )
-from curate.dedup.layout import Settings, Where, codes_of
+from curate.dedup.layout import Settings, Where, codes_of, read_folder
 from curate.dedup.order import dense_rank, keys_from_codes, order_codes, row_ids
 from curate.dedup.products import Vectors
 from curate.dedup.report import analysed_clusters, cluster_size_stats, method, threshold_analysis, write_report
@@ -213,13 +213,20 @@ def search_references(settings: Settings, refs: list[dict[str, Any]], table: pa.
 
 
 def run(where: Where, settings: Settings, shards: list[tuple[int, int]], info: dict[str, Any] | None = None,
-        stage_uri: str | None = None) -> dict[str, Any]:  # fmt: skip
+        stage_uri: str | None = None, searched: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The whole global step in this task: the references searched, decision files per upstream shard, the
     dedup index (``stage_uri``'s ``_index/``) and the report. ``info``: the identify phase's result
-    (curate.dedup.against.identify) when there are references or an index to write."""
+    (curate.dedup.against.identify) when there are references or an index to write; ``searched``: the references
+    were already searched by the distributed phases (large references; their removals are under ``where``)."""
     table, vectors = read_upstream(where.upstream, shards)
     refs = (info or {}).get("references", [])
-    against = search_references(settings, refs, table, vectors, shards) if refs else None
+    against = None
+    if searched is not None:
+        removed = read_folder(where.path("against", "removed"))
+        gallery = read_folder(where.path("against", "gallery"))
+        against = {**searched, "removed": removed.sort_by("id") if removed is not None else None, "gallery": gallery}
+    elif refs:
+        against = search_references(settings, refs, table, vectors, shards)
     names = tuple((r["name"], r["reason"]) for r in refs)
     columns, report, sizes, extra = decide(settings, table, vectors, shards, against and against["removed"], names)
     full = decision_table(columns)

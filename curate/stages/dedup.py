@@ -208,14 +208,17 @@ def global_step(config: DedupConfig, upstream: StageDir | None, stage: StageDir,
     if settings.references or settings.index:  # before any row is read: the model's identity, the references
         task = GlobalTask("identify", against.identify, (where, settings, context.run_uri, context.stage_name))
         info = (yield GlobalPhase("identify", (task,)))["identify"]
-    if embedded <= settings.single_process_rows and against.reference_rows(info) <= 10 * settings.single_process_rows:
-        task = GlobalTask("single", single.run, (where, settings, shards, info, stage.uri))
-        results = yield GlobalPhase("single", (task,))
-        return results["single"]
     d = 512
     if shards:
         d = int(storage.parquet_file(upstream.shard(shards[0][0])).schema_arrow.field("sscd").type.shape[0])
-    return (yield from distributed.plan(settings, where, shards, d, info, stage.uri))
+    if embedded > settings.single_process_rows:
+        return (yield from distributed.plan(settings, where, shards, d, info, stage.uri))
+    if info is not None and against.reference_rows(info) > 10 * settings.single_process_rows:
+        # a small batch against references larger than one task should read: they are searched as phases of tasks
+        return (yield from distributed.searched_then_single(settings, where, shards, d, info, stage.uri))
+    task = GlobalTask("single", single.run, (where, settings, shards, info, stage.uri))
+    results = yield GlobalPhase("single", (task,))
+    return results["single"]
 
 
 def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: Any) -> ShardOutput:
