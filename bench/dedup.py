@@ -8,11 +8,14 @@
     python bench/dedup.py --emulate-avx2 --skip-sscd  # the same on an AVX2-only CPU's kernels (see cpu_header)
     python bench/dedup.py --distributed 10000000      # the stage's distributed global step at 10M (~10 GB)
     python bench/dedup.py --compare 1000000           # distributed vs single-process global step, same data
+    python bench/dedup.py --increment 2000000 100000  # B against run A's index vs a full dedup of A + B
+    python bench/dedup.py --probe-sweep 500000        # how many probes `against` needs (its default)
 
 Part 1, on N synthetic 512-d unit vectors with planted near-duplicate groups (curate.dedup.cluster.
 planted_vectors): time and pair recall of our dedup (default settings, and top-1 assignment for
 comparison) against FAISS IndexFlatIP.range_search over all vectors in the same run.
-Part 2 (--distributed / --compare, bench/dedup_global.py): the dedup stage's global step through the runner.
+Part 2 (--distributed / --compare, bench/dedup_global.py): the dedup stage's global step through the runner;
+(--increment, bench/dedup_increment.py): a new batch against an earlier run's index vs a full dedup of both.
 Part 3: the sscd stage's images/s (curate.stages.sscd.process on a shard of JPEGs, model loaded once as in
 an actor) against calling the model directly on the same already decoded and resized batches.
 """
@@ -332,6 +335,9 @@ def main() -> None:
     parser.add_argument("--emulate-avx2", action="store_true", help="run on AVX2 kernels only (see cpu_header)")
     parser.add_argument("--distributed", type=int, help="N rows through the stage's distributed global step")
     parser.add_argument("--compare", type=int, help="N rows: distributed vs single-process global step")
+    parser.add_argument("--increment", type=int, nargs=2, metavar=("A", "B"), help="B rows against A's index")
+    parser.add_argument("--probe-sweep", type=int, metavar="N", help="pairs found by probe count, N reference rows")
+    parser.add_argument("--run-copies", type=float, default=0.05, help="--increment: B rows that copy A's rows")
     parser.add_argument("--folder", default="/tmp/curate-dedup-bench", help="where --distributed writes its data")
     parser.add_argument("--shard-rows", type=int, default=100_000, help="--distributed: rows per sscd shard")
     parser.add_argument("--keep-data", action="store_true", help="--distributed: keep the data folder")
@@ -347,6 +353,22 @@ def main() -> None:
     gpus = getattr(faiss, "get_num_gpus", lambda: 0)()
     print(f"# {platform.node()} faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
           f"GPUs seen by FAISS: {gpus}; load average {os.getloadavg()}")  # fmt: skip
+    if args.probe_sweep:
+        from dedup_increment import probe_sweep, write_json
+
+        rows = probe_sweep(args.probe_sweep, args.seed)
+        if args.json:
+            write_json(args.json, {"rows": rows})
+        return
+    if args.increment:
+        from dedup_increment import bench_increment, write_json
+
+        a_rows, b_rows = args.increment
+        result = bench_increment(a_rows, b_rows, Path(args.folder), args.threads, args.queries, args.threshold,
+                                 args.seed, args.run_copies, args.keep_data)  # fmt: skip
+        if args.json:
+            write_json(args.json, result)
+        return
     if args.distributed or args.compare:
         from dedup_global import bench_global
 

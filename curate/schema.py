@@ -104,8 +104,11 @@ DEDUP_SCHEMA = pa.schema(
         pa.field("keep", pa.bool_(), nullable=False),
         pa.field("dup_of", pa.string()),  # key of the kept row this one duplicates; null when kept
         pa.field("similarity", pa.float32()),  # cosine similarity to dup_of (1.0 for exact copies)
-        pa.field("reason", pa.string()),  # kept | exact_duplicate | near_duplicate | not_ok
+        pa.field(
+            "reason", pa.string()
+        ),  # kept | exact_duplicate | near_duplicate | seen_before | eval_overlap | not_ok
         pa.field("status", pa.string(), nullable=False),  # the sscd row's status (ok or why not)
+        pa.field("dup_reference", pa.string()),  # the `against` reference dup_of is in; null within the run
     ]
 )
 

@@ -5,8 +5,12 @@ The tests use the session's `ray_cluster` fixture (tests/conftest.py).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from curate.pipeline import parse_pipeline
@@ -128,3 +132,160 @@ def read_decisions(run: Path):
     import pyarrow.parquet as pq
 
     return pa.concat_tables([pq.read_table(f) for f in sorted((run / "dedup").glob("shard-*.parquet"))])
+
+
+# -- incremental dedup: synthetic runs decided in this process (the algorithm, not the runner, under test) ---------
+
+
+def stage_rows(shards: list, prefix: str, seed: int = 0) -> list[dict]:
+    """Rows of synthetic `sscd` shards (one dict of columns per shard): keys ``make_key(f"{prefix}-{shard}-{row}")``,
+    random sizes (they decide the keep order), the vectors as float16."""
+    import numpy as np
+
+    from curate.schema import make_key
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for index, x in enumerate(shards):
+        rows = len(x)
+        out.append({
+            "key": [make_key(f"{prefix}-{index}-{r}") for r in range(rows)],
+            "side": rng.integers(100, 400, rows).astype(np.int32),
+            "x": np.asarray(x, np.float16),
+        })  # fmt: skip
+    return out
+
+
+def write_embedding_stage(run: Path, shards: list[dict]) -> None:
+    """A complete `sscd` stage in ``run`` from ``stage_rows`` shards (each row embedded, sha256 from its key)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from curate import storage
+    from curate.runfolder import RunDir, ShardStats
+    from curate.schema import SSCD_SCHEMA
+
+    stage = RunDir(str(run)).stage("sscd")
+    for index, shard in enumerate(shards):
+        rows = len(shard["key"])
+        table = pa.table(
+            {
+                "key": shard["key"],
+                "sscd": pa.FixedShapeTensorArray.from_numpy_ndarray(shard["x"]),
+                "status": ["ok"] * rows,
+                "error": [None] * rows,
+                "width": pa.array(shard["side"], pa.int32()),
+                "height": pa.array(shard["side"], pa.int32()),
+                "sha256": [hashlib.sha256(k.encode()).hexdigest() for k in shard["key"]],
+            }
+        )
+        storage.write_parquet_atomic(stage.shard(index), table.select(SSCD_SCHEMA.names).cast(SSCD_SCHEMA))
+        stage.write_marker(ShardStats(index, rows, {"ok": rows}, 0.0, 0))
+    storage.write_json(stage.success_uri, {"stage": "sscd", "shards": len(shards)})
+
+
+def dedup_in_process(run: Path, **settings) -> dict:
+    """The `dedup` stage of ``run`` (its `sscd` stage written already) as the runner runs it, in this process:
+    the global step's phases task by task (each task's marker written as on Ray), the shard tasks, the stage's
+    completion record. Returns the global step's summary."""
+    from curate import steps, storage
+    from curate.config import ModelSpec
+    from curate.runfolder import RunDir, ShardStats
+    from curate.stages.dedup import SPEC, DedupConfig
+    from curate.stages.spec import WorkContext
+
+    config = DedupConfig(kind="dedup", **settings)
+    run_dir = RunDir(str(run))
+    upstream, stage = run_dir.stage("sscd"), run_dir.stage("dedup")
+    context = WorkContext(str(run), "dedup", upstream.uri, {"sscd": ModelSpec(path=ONNX_SSCD)})
+    plan = SPEC.global_step(config, upstream, stage, context)
+    results = None
+    while True:
+        try:
+            phase = plan.send(results)
+        except StopIteration as stop:
+            summary = dict(stop.value or {})
+            break
+        results = {t.name: steps.run_task(stage.global_uri, phase.name, t)["result"] for t in phase.tasks}
+    storage.write_json(stage.global_marker_uri, summary)
+    for task in SPEC.plan(config, upstream):
+        output = SPEC.process(config, task, context, None)
+        storage.write_parquet_atomic(stage.shard(task.index), output.table)
+        stage.write_marker(ShardStats(task.index, output.table.num_rows, {}, 0.0, 0, output.extra))
+    storage.write_json(stage.success_uri, {"stage": "dedup", "kind": "dedup"})
+    storage.write_json(stage.record_uri, {"kind": "dedup", "upstream": "sscd"})
+    return summary
+
+
+def index_rows(stage: Path):
+    """Round 0's rows of a dedup stage's index (every kept row once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((stage / "_index" / "r0").glob("b*/run-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def earlier_run(run: Path, world, shards: int = 4, shard_rows: int = 1500):
+    """An earlier run A of synthetic embeddings (curate.dedup.synthetic) deduplicated in this process, its index
+    left behind. Returns (its folder, its batch)."""
+    from curate.dedup.synthetic import Batch
+
+    batch = Batch(world, 1, shards, shard_rows)
+    write_embedding_stage(run, stage_rows([batch.vectors(s) for s in range(batch.shards)], "a"))
+    dedup_in_process(run)
+    return run, batch
+
+
+def new_batch(world, earlier_batch, shards: int = 3, shard_rows: int = 1000):
+    """B: 10% near copies of the earlier batch's rows (from its shards other than the B shard's), 10% copies
+    inside B, a placeholder group."""
+    from curate.dedup.synthetic import Batch
+
+    return Batch(world, 2, shards, shard_rows, copies_of=earlier_batch, run_copy_fraction=0.1)
+
+
+# -- a real multi-node Ray for the global step's resume tests --------------------------------------------------
+
+
+def start_driver(pipeline: Path, address: str, **kwargs) -> subprocess.Popen:
+    """`curate run PIPELINE --stages dedup` as a driver process joining the cluster at ``address``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "curate.cli", "run", str(pipeline), "--address", address, "--stages", "dedup"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+def markers(folder: Path, phase: str) -> dict[str, str]:
+    """The task markers of a global-step phase (name -> text)."""
+    return {p.name: p.read_text() for p in (folder / "_tasks" / phase).glob("*.json")}
+
+
+@pytest.fixture(scope="module", name="two_nodes")
+def two_nodes_cluster():
+    """A real multi-node Ray on this machine: a head and a worker node of one CPU each. Its temp
+    folder is private: Cluster writes the address file that a plain `ray.init()` on this machine would join."""
+    import shutil
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = private = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 128 * 2**20},
+    )
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(private, ignore_errors=True)

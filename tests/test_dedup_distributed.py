@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +18,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _dedup_support import (
+from _dedup_support import (  # noqa: F401 (two_nodes: a fixture)
+    dedup_in_process,
     dedup_only_pipeline,
+    earlier_run,
+    index_rows,
+    markers,
+    new_batch,
     planted_embeddings,
     read_decisions,
     run_dedup_only,
+    stage_rows,
+    start_driver,
+    two_nodes_cluster,
+    write_embedding_stage,
     write_sscd_stage,
 )
 
@@ -119,52 +126,12 @@ def test_distributed_decisions_equal_single_process(tmp_path, embeddings, images
     assert report["removed"] == removed and report["threshold_analysis"][0]["items"] > 0
 
 
-def _start(pipeline: Path, address: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "curate.cli", "run", str(pipeline), "--address", address, "--stages", "dedup"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
-
-
-def _markers(folder: Path, phase: str) -> dict[str, str]:
-    return {p.name: p.read_text() for p in (folder / "_tasks" / phase).glob("*.json")}
-
-
 def _fp32_pipeline(tmp_path: Path, run: Path, images: Path, resources: dict) -> Path:
     """The fp32 reference's settings, in 2 map groups (grouping and task sizes never change a decision)."""
     pipeline = tmp_path / "pipeline.yaml"
     settings = {**DISTRIBUTED, "map_rows": 1200, "precision": "fp32", "resources": resources}
     pipeline.write_text(dedup_only_pipeline(run, images, settings))
     return pipeline
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    """A real multi-node Ray on this machine: a head and a worker node of one CPU each. Its temp
-    folder is private: Cluster writes the address file that a plain `ray.init()` on this machine would join."""
-    import shutil
-    import tempfile
-
-    from ray.cluster_utils import Cluster
-
-    before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = private = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 128 * 2**20},
-    )
-    try:
-        cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        cluster.shutdown()
-        if before is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = before
-        shutil.rmtree(private, ignore_errors=True)
 
 
 def _workers(cluster) -> list[int]:
@@ -210,29 +177,96 @@ def test_multi_node_resume_after_the_driver_is_killed_in_each_sub_step(
     kept: dict[str, dict[str, str]] = {}
     killed_worker = None
     for phase in ("exact", "r0-kmeans", "r0-assign", "r0-search", "cc0", "greedy"):
-        driver = _start(pipeline, two_nodes.address)
+        driver = start_driver(pipeline, two_nodes.address)
         deadline = time.monotonic() + 180
         while driver.poll() is None and time.monotonic() < deadline:
             if phase == "r0-search" and killed_worker is None:
                 killed_worker = _kill_search_worker(two_nodes)
-            elif _markers(folder, phase):
+            elif markers(folder, phase):
                 break
             time.sleep(0.01)
         driver.send_signal(signal.SIGKILL)
         output = driver.communicate()[0]
         assert driver.returncode == -signal.SIGKILL, output  # killed, not finished
-        kept[phase] = _markers(folder, phase)
+        kept[phase] = markers(folder, phase)
         assert kept[phase], f"no task of {phase} finished before the kill:\n{output}"
         assert not (folder / "_DONE.json").exists()
     assert killed_worker is not None, "no search task was seen running"
-    driver = _start(pipeline, two_nodes.address)
+    driver = start_driver(pipeline, two_nodes.address)
     output = driver.communicate(timeout=300)[0]
     assert driver.returncode == 0, output
     _assert_same(read_decisions(run), references["fp32"])
-    for phase, markers in kept.items():  # finished before a kill: never run again
-        after = _markers(folder, phase)
-        assert all(after[name] == text for name, text in markers.items()), phase
+    for phase, texts in kept.items():  # finished before a kill: never run again
+        after = markers(folder, phase)
+        assert all(after[name] == text for name, text in texts.items()), phase
     search = [json.loads(p.read_text()) for p in (folder / "_tasks" / "r0-search").glob("*.json")]
     assert killed_worker not in {r["pid"] for r in search}  # its task finished in another worker
     records = [json.loads(p.read_text()) for p in (folder / "_tasks").glob("*/*.json")]
     assert len({r["node"] for r in records}) == 2  # both nodes ran tasks
+
+
+# -- a run against an earlier run's dedup index (`against:`; tests/test_dedup_against.py has the rest) ------------
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    from curate.dedup.synthetic import World
+
+    return earlier_run(tmp_path_factory.mktemp("A") / "run", World(topics=40))
+
+
+# small enough that the search of the reference takes every path: probe groups, tasks over touched clusters, and
+# clusters whose index rows and probe entries exceed search_rows searched in blocks
+AGAINST_DISTRIBUTED = {"single_process_rows": 0, "map_rows": 1000, "search_rows": 800, "graph_rows": 3000,
+                       "analysis_clusters": 4}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_multi_node_against_an_index_resumes_after_the_driver_is_killed(tmp_path, earlier, two_nodes):
+    """On a two-node Ray: a run against run A's index through `curate run`, as phases of Ray tasks (probe groups,
+    search tasks over the touched clusters only, a block task for a large cluster), its driver SIGKILLed as soon
+    as the reference search has finished a task, then run again: finished tasks are not run again, and the
+    decisions, row for row, and the index are those of the same run decided in one task in this process."""
+    import yaml
+
+    run_a, batch_a = earlier
+    shards = stage_rows([new_batch(batch_a.world, batch_a).vectors(s) for s in range(3)], "b", seed=1)
+    against = [{"name": "a", "path": str(run_a / "dedup"), "search": "clusters"}]
+    settings = {**AGAINST_DISTRIBUTED, "against": against, "precision": "fp32", "resources": {"num_cpus": 1}}
+    single_run, run = tmp_path / "single", tmp_path / "run"
+    for folder in (single_run, run):
+        write_embedding_stage(folder, shards)
+    dedup_in_process(single_run, against=against, precision="fp32", search_rows=800)
+    images = tmp_path / "no-images"
+    images.mkdir()
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(dedup_only_pipeline(run, images, settings))
+    folder = run / "dedup" / "_global"
+    driver = start_driver(pipeline, two_nodes.address)
+    deadline = time.monotonic() + 240
+    while driver.poll() is None and time.monotonic() < deadline and not markers(folder, "x0-search"):
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    output = driver.communicate()[0]
+    assert driver.returncode == -signal.SIGKILL, output
+    kept = {phase: markers(folder, phase) for phase in ("x0-probe", "x0-search")}
+    assert kept["x0-search"] and not (folder / "_DONE.json").exists()
+    driver = start_driver(pipeline, two_nodes.address)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output
+    one, resumed = read_decisions(single_run), read_decisions(run)
+    for column in one.column_names:
+        assert one[column].equals(resumed[column]), column
+    for phase, texts in kept.items():
+        after = markers(folder, phase)
+        assert all(after[name] == text for name, text in texts.items()), phase
+    records = [json.loads(p.read_text()) for p in folder.glob("_tasks/*/*.json")]
+    assert len({r["node"] for r in records}) == 2
+    assert yaml.safe_load(pipeline.read_text())["stages"][2]["against"][0]["name"] == "a"
+    done = json.loads((folder / "_DONE.json").read_text())
+    assert done["path"] == "distributed" and done["against_removed"] > 250
+    assert {"x0-probe", "x0-plan", "x0-search", "x-resolve", "index-rows", "index-compact"} <= set(done["phases"])
+    plan = json.loads((folder / "against" / "x00000" / "plan.json").read_text())
+    assert plan["blocks"] and sum(plan["touched"]) < plan["clusters"] * len(plan["touched"])
+    for stage in (single_run / "dedup", run / "dedup"):
+        assert sorted(index_rows(stage)["key"].to_pylist()) == sorted(r["key"] for r in one.to_pylist() if r["keep"])

@@ -170,15 +170,18 @@ def assign(
     centroids_uri: str,
     params: DedupParams,
     with_nearest: bool,
+    nearest_reps: bool = False,
 ) -> dict[str, Any]:
     """Every embedded row's ``assign_top`` clusters; rows written once per cluster, into their bucket's file.
-    With ``with_nearest`` also the nearest centroid of every embedded row (exact copies too), for the
-    decisions' ``cluster`` column."""
+    With ``with_nearest`` also the nearest centroid of every embedded row (exact copies and rows a reference
+    removed too), for the decisions' ``cluster`` column; with ``nearest_reps`` that of the searched rows only
+    (a later round's, for the dedup index)."""
     centroids = read_array(centroids_uri)
     buckets = read_array(where.round(r, "buckets.npy"))
     k = len(centroids)
     top = min(params.assign_top or 2, k)
     counts = np.zeros((k, 2), np.int64)  # members (any slot), nearest (slot 0)
+    norms = np.zeros(k, np.float64)  # sum of the nearest rows' similarity to their centroid (~ its sum's norm)
     by_bucket: dict[int, list[pa.Table]] = {}  # appended per shard: the output is held once, never re-sorted
     nearest_parts: list[pa.Table] = []
     for rows in group_rows(where, group, order, with_codes=True):
@@ -188,6 +191,8 @@ def assign(
             x = _vectors(rows.vectors[reps], params)
             assignment = (nearest_centroids(x, centroids, top, params, _gpu(params)) if k > 1
                           else np.zeros((len(reps), 1), np.int64))  # fmt: skip
+            if with_nearest:
+                np.add.at(norms, assignment[:, 0], np.einsum("ij,ij->i", x.f32, centroids[assignment[:, 0]]))
             del x
             ids, codes, vectors = rows.ids[reps], rows.codes[reps], rows.vectors[reps]
             slots = np.repeat(np.arange(assignment.shape[1], dtype=np.int8)[None, :], len(reps), 0).reshape(-1)
@@ -212,9 +217,9 @@ def assign(
                         }
                     )
                 )
-            if with_nearest:
+            if with_nearest or nearest_reps:
                 nearest_parts.append(_nearest_table(rows.ids[reps], assignment[:, 0]))
-        copies = np.flatnonzero(rows.ok & rows.exact_copy)
+        copies = np.flatnonzero(rows.ok & (rows.exact_copy | rows.left_out))
         if with_nearest and len(copies):
             x = _vectors(rows.vectors[copies], params)
             nearest = (nearest_centroids(x, centroids, 1, params, _gpu(params))[:, 0] if k > 1
@@ -226,9 +231,11 @@ def assign(
         write_table(where.round(r, "assign", name("b", bucket_index), name("g", group.index) + ".parquet"), table)
         written += table.num_rows
     write_array(where.round(r, "counts", name("g", group.index) + ".npy"), counts)
-    if with_nearest:
+    if with_nearest or nearest_reps:
         table = pa.concat_tables(nearest_parts) if nearest_parts else _nearest_table(np.zeros(0), np.zeros(0))
         write_table(where.round(r, "nearest", name("g", group.index) + ".parquet"), table)
+    if with_nearest:
+        write_array(where.round(r, "norms", name("g", group.index) + ".npy"), norms)
     return {"rows": written}
 
 

@@ -147,6 +147,7 @@ class DedupResult:
     clustering: Clustering
     seconds: dict[str, float]
     bounded: np.ndarray | None = None  # (N,) bool: kept, but had more earlier neighbours than max_neighbors
+    rounds: list[Clustering] = field(default_factory=list)  # every round's clustering (the first is `clustering`)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -464,7 +465,7 @@ def dedup(
     bounded = np.zeros(n, bool)
     bounded[graph.cut] = keep[graph.cut]
     first = clusterings[0]
-    return DedupResult(keep, dup_of, similarity, first.assignment[:, 0], pairs, first, seconds, bounded)
+    return DedupResult(keep, dup_of, similarity, first.assignment[:, 0], pairs, first, seconds, bounded, clusterings)
 
 
 def brute_force_pairs(x: np.ndarray, threshold: float) -> Pairs:

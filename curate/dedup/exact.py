@@ -20,6 +20,7 @@ from curate.dedup.layout import (
     Where,
     code_columns,
     codes_of,
+    excluded_ids,
     group_of,
     name,
     read_folder,
@@ -36,15 +37,19 @@ def parts_for(rows: int) -> int:
 
 
 def scan(where: Where, group: Group, order: Order, exact: bool, parts: int) -> dict[str, Any]:
-    """Count the group's embedded rows; with ``exact``, partition those with a sha256 by its CRC-32."""
-    ok_rows, tables = 0, []
+    """Count the group's embedded rows (left: those no reference removed); with ``exact``, partition those with
+    a sha256 by its CRC-32."""
+    ok_rows, embedded, tables = 0, 0, []
+    excluded = excluded_ids(where, group)
     for shard, _ in group.shards:
         rows, table = read_shard(where, shard, order, with_vectors=False)
-        ok_rows += int(rows.ok.sum())
+        ok = rows.ok & ~np.isin(rows.ids, excluded)
+        ok_rows += int(ok.sum())
+        embedded += int(rows.ok.sum())
         if not exact:
             continue
         sha = table["sha256"].to_pylist()
-        keep = np.flatnonzero(rows.ok & np.array([s is not None for s in sha], bool))
+        keep = np.flatnonzero(ok & np.array([s is not None for s in sha], bool))
         if not len(keep):
             continue
         hashes = [sha[i] for i in keep.tolist()]
@@ -67,7 +72,7 @@ def scan(where: Where, group: Group, order: Order, exact: bool, parts: int) -> d
             chunk = table.filter(pa.array(part == p)).drop_columns(["part"])
             write_table(where.path("exact", "map", name("p", p), name("g", group.index) + ".parquet"), chunk)
             written += chunk.num_rows
-    return {"ok": ok_rows, "hashed": written}
+    return {"ok": ok_rows, "embedded": embedded, "hashed": written}
 
 
 def resolve(where: Where, part: int, first_shards: np.ndarray) -> dict[str, Any]:

@@ -45,6 +45,18 @@ MIN_GROUP_ROWS = 50_000  # ... of at least this many rows (smaller map tasks are
 
 
 @dataclass(frozen=True)
+class Reference:
+    """What a run is deduplicated against (``against:``): another run's dedup stage folder, with its index."""
+
+    name: str
+    path: str  # the reference's dedup stage folder (its `_index/`)
+    threshold: float  # a row with a reference row above this cosine is removed
+    reason: str = "seen_before"  # seen_before (an earlier run) | eval_overlap (a reference set)
+    search: str = "auto"  # exact (every reference row) | clusters (the rows' probed clusters) | auto: by size
+    probes: int | None = None  # nearest clusters per new row and round (clusters search); None: by rounds
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the global step needs besides where the data is (plain data; pickled into every task)."""
 
@@ -59,6 +71,11 @@ class Settings:
     search_rows: int | None = None  # rows per search task, and the cluster cap; None: from memory
     graph_rows: int | None = None  # embedded rows per pair-graph partition; None: from memory
     central_cpus: float | None = None  # CPUs of the single tasks (k-means, report); None: the stage's
+    references: tuple[Reference, ...] = ()  # searched first; their matches leave before the run's own dedup
+    index: bool = True  # leave the dedup index (`_index/`) for later runs
+    exact_rows: int = 150_000  # references with at most this many rows are searched exactly (search: auto)
+    model: str | None = None  # the SSCD model's path (its file hash is the index's model identity)
+    gallery: int = 6  # matched pairs per similarity band and reference in the report's gallery
 
     # bytes per row, measured with bench/dedup.py --distributed (peak task RSS / rows) and rounded up
     def map_task_rows(self) -> int:
@@ -70,6 +87,11 @@ class Settings:
         """Rows one search task loads (float16 read, float32 and bf16 copies: ~5 KB per row)."""
         return self.search_rows or max(1000, int(0.4 * self.task_memory / 5000))
 
+    def probe_task_rows(self, entries_per_row: int) -> int:
+        """New rows one reference-probe task holds before it writes (``entries_per_row`` = rounds x probes
+        entries of ~1.1 KB each)."""
+        return max(1000, int(0.35 * self.task_memory / (1100 * max(1, entries_per_row))))
+
     def graph_task_rows(self) -> int:
         """Embedded rows per pair-graph partition (edges, labels and messages: ~2 KB per embedded row)."""
         return self.graph_rows or max(1000, int(0.4 * self.task_memory / 2000))
@@ -80,6 +102,7 @@ class Where:
     upstream: str  # the upstream (sscd) stage folder
     root: str  # this stage's _global folder
     report: str  # this stage's _report folder
+    against: bool = False  # rows were removed by references first (``removed``): later phases leave them out
 
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
@@ -89,6 +112,10 @@ class Where:
 
     def decisions(self, shard: int) -> str:
         return storage.join(self.root, shard_name(shard) + ".parquet")
+
+    def removed(self, group: int) -> str:
+        """The rows of map group ``group`` that a reference removed (curate.dedup.resolve)."""
+        return storage.join(self.root, "against", "removed", name("g", group) + ".parquet")
 
 
 @dataclass(frozen=True)
@@ -154,7 +181,8 @@ def vector_array(x: np.ndarray) -> pa.Array:
     """(n, d) float16 -> a fixed-size binary column (measured several times faster than tensor columns)."""
     x = np.ascontiguousarray(x, np.float16)
     width = x.shape[1] * 2 if x.ndim == 2 else 0
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(1, width)), len(x), [None, pa.py_buffer(x.tobytes())])
+    # the array's own memory (no copy): callers pass arrays they no longer change
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(1, width)), len(x), [None, pa.py_buffer(x)])
 
 
 def vectors_of(column: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
@@ -217,11 +245,16 @@ class ShardRows:
     codes: np.ndarray  # (n, 4) uint64: keep order
     exact_copy: np.ndarray  # (n,) bool: removed as an exact copy (filled by the caller)
     vectors: np.ndarray | None = None  # (n, d) float16
+    excluded: np.ndarray | None = None  # (n,) bool: removed by a reference before the run's own dedup
 
     @property
     def reps(self) -> np.ndarray:
-        """Rows the embedding search sees: embedded and not an exact copy."""
-        return np.flatnonzero(self.ok & ~self.exact_copy)
+        """Rows the embedding search sees: embedded, not removed by a reference, not an exact copy."""
+        return np.flatnonzero(self.ok & ~self.exact_copy & ~self.left_out)
+
+    @property
+    def left_out(self) -> np.ndarray:
+        return self.excluded if self.excluded is not None else np.zeros(len(self.ids), bool)
 
 
 def shard_vectors(where: Where, shard: int) -> np.ndarray:
@@ -262,11 +295,20 @@ def exact_copies(where: Where, group: Group) -> np.ndarray:
     return np.sort(table["id"].to_numpy()) if table is not None else np.zeros(0, np.int64)
 
 
+def excluded_ids(where: Where, group: Group) -> np.ndarray:
+    """Ids of the group's rows that a reference removed (sorted; none without references)."""
+    if not where.against or not storage.exists(where.removed(group.index)):
+        return np.zeros(0, np.int64)
+    return np.sort(storage.read_parquet(where.removed(group.index), ["id"])["id"].to_numpy())
+
+
 def group_rows(where: Where, group: Group, order: Order, with_codes: bool = False) -> Iterator[ShardRows]:
-    """The group's shards with their vectors, one at a time (bounded memory), exact copies marked; keep-order
-    codes only when asked (they cost a pass over the keys)."""
+    """The group's shards with their vectors, one at a time (bounded memory), exact copies and rows removed by a
+    reference marked; keep-order codes only when asked (they cost a pass over the keys)."""
     copies = exact_copies(where, group)
+    excluded = excluded_ids(where, group)
     for shard, _ in group.shards:
         rows, _ = read_shard(where, shard, order, with_vectors=True, with_codes=with_codes)
         rows.exact_copy = np.isin(rows.ids, copies)
+        rows.excluded = np.isin(rows.ids, excluded)
         yield rows

@@ -118,7 +118,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"- rows: {report['rows']:,} ({report['ok']:,} with an embedding)",
         f"- removed: {report['removed']:,} = {100 * report['fraction_removed']:.2f}% of embedded rows "
         f"({report['exact_duplicates']:,} exact, {report['near_duplicates']:,} near "
-        f"at cosine > {report['threshold']:g})",
+        f"at cosine > {report['threshold']:g}"
+        + (f"; {report['against_removed']:,} matched a reference first" if report.get("against_removed") else "")
+        + ")",
         f"- clusters: {report['clusters']['clusters']:,}; sizes {json.dumps(report['clusters'])}",
         f"- keep order: {report['order']}; assignment top-{report['assign_top']}; "
         f"at most {report.get('max_neighbors', 0) or 'all'} earlier neighbours per row "
@@ -139,9 +141,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: str, report: dict[str, Any], sizes: np.ndarray) -> None:
+def write_report(folder: str, report: dict[str, Any], sizes: np.ndarray, extra: list[str] | None = None) -> None:
+    """``extra``: Markdown lines appended (the references' sections, curate.dedup.against_report)."""
     storage.write_json(storage.join(folder, "dedup_report.json"), report)
-    storage.write_atomic(storage.join(folder, "dedup_report.md"), markdown(report).encode())
+    text = markdown(report) + ("\n".join(extra) + "\n" if extra else "")
+    storage.write_atomic(storage.join(folder, "dedup_report.md"), text.encode())
     storage.write_atomic(
         storage.join(folder, "dedup_report.png"), _plot(report["threshold_analysis"], sizes, report["threshold"])
     )

@@ -13,17 +13,17 @@ Global by nature, so it runs in two steps:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from curate import storage
-from curate.config import StageConfig
-from curate.dedup import distributed, single
+from curate.config import ModelSpec, StageConfig, Strict
+from curate.dedup import against, distributed, index, single
 from curate.dedup.cluster import DedupParams
-from curate.dedup.layout import GiB, Settings, Where
+from curate.dedup.layout import GiB, Reference, Settings, Where
 from curate.dedup.order import dense_rank, order_codes, row_ids
 from curate.dedup.report import DEFAULT_THRESHOLDS
 from curate.runfolder import ShardTask, StageDir, shard_name
@@ -32,8 +32,28 @@ from curate.stages.spec import ShardOutput, StageSpec, WorkContext, one_task_per
 from curate.steps import GlobalPhase, GlobalSteps, GlobalTask
 
 
+class Against(Strict):
+    """One reference of ``against:``: an earlier run's dedup stage (``kind: run``, reason ``seen_before``) or a
+    reference set such as eval images deduplicated in their own pipeline (``kind: eval``, reason
+    ``eval_overlap``). docs/dedup.md, "Incremental dedup and decontamination"."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # names the reference in `dup_reference` and the report
+    path: str  # the reference run's dedup stage folder (local or object store), which holds its `_index/`
+    threshold: float | None = Field(None, gt=-1.0, lt=1.0)  # a copy above this cosine is removed; None: the stage's
+    kind: Literal["run", "eval"] = "run"
+    search: Literal["auto", "exact", "clusters"] = "auto"  # auto: exact up to `exact_rows` indexed rows
+    probes: PositiveInt | None = None  # nearest clusters per row and round (clusters search); None: 24 / 8 by rounds
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return storage.absolute(value)
+
+
 class DedupConfig(StageConfig):
     kind: Literal["dedup"]
+    # the pipeline's SSCD model: its file hash is the index's model identity, compared with every reference's
+    optional_model_roles: ClassVar[tuple[str, ...]] = ("sscd",)
 
     threshold: float = Field(0.75, gt=-1.0, lt=1.0)  # cosine similarity; > threshold is a copy (SSCD: 0.75)
     clusters: PositiveInt | None = None  # K; default 3*sqrt(N), at most 16,000 (SD3's K)
@@ -61,6 +81,65 @@ class DedupConfig(StageConfig):
     search_rows: PositiveInt | None = None  # rows per search task; a larger cluster is searched in blocks
     graph_rows: PositiveInt | None = None  # embedded rows per partition of the pair graph
     central_cpus: float | None = Field(None, gt=0)  # CPUs of the single tasks (k-means, report); None: resources'
+    # earlier runs and reference sets to deduplicate against, searched before the run's own dedup (in this order:
+    # a row matched by several is named after the first)
+    against: tuple[Against, ...] = ()
+    index: bool = True  # leave a dedup index of the kept rows (`_index/`) for later runs' `against`
+    exact_rows: PositiveInt = 150_000  # references with at most this many indexed rows are searched exactly
+    gallery: int = Field(6, ge=0)  # matched pairs per similarity band and reference in the report
+
+    @model_validator(mode="after")
+    def _distinct_references(self) -> DedupConfig:
+        names = [a.name for a in self.against]
+        if len(set(names)) != len(names):
+            raise ValueError(f"against: reference names must differ (got {names})")
+        return self
+
+    def references(self) -> tuple[Reference, ...]:
+        return tuple(
+            Reference(
+                name=a.name,
+                path=a.path,
+                threshold=self.threshold if a.threshold is None else a.threshold,
+                reason="eval_overlap" if a.kind == "eval" else "seen_before",
+                search=a.search,
+                probes=a.probes,
+            )
+            for a in self.against
+        )
+
+    def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Every reference must be a complete dedup stage with an index. Local folders only: references in an
+        object store are checked when the stage starts, before it reads a row (as other remote inputs are)."""
+        problems = []
+        for i, a in enumerate(self.against):
+            if _remote(a.path):
+                continue
+            try:
+                index.read_manifest(a.path)
+            except index.NotAnIndex as e:
+                problems.append((("against", i, "path"), str(e)))
+        return problems
+
+    def check_models(self, models: dict[str, ModelSpec]) -> list[tuple[tuple[Any, ...], str]]:
+        """Every reference must have been made with this pipeline's SSCD model (same file hash). Models behind a
+        URL or in an object store are checked when the stage starts, before it reads any row."""
+        spec = models.get("sscd")
+        if not self.against or spec is None or spec.path is None:
+            return []
+        identity = index.local_identity(spec.path)
+        problems = []
+        for i, a in enumerate(self.against):
+            if _remote(a.path):
+                continue
+            try:
+                manifest = index.read_manifest(a.path)
+            except index.NotAnIndex:
+                continue  # check_inputs names it
+            problem = index.model_problem(manifest, identity)
+            if problem:
+                problems.append((("against", i, "path"), problem))
+        return problems
 
     def params(self) -> DedupParams:
         return DedupParams(
@@ -78,7 +157,7 @@ class DedupConfig(StageConfig):
             max_neighbors=self.max_neighbors,
         )
 
-    def settings(self) -> Settings:
+    def settings(self, model: str | None = None) -> Settings:
         return Settings(
             params=self.params(),
             order=self.order,
@@ -91,7 +170,16 @@ class DedupConfig(StageConfig):
             search_rows=self.search_rows,
             graph_rows=self.graph_rows,
             central_cpus=self.central_cpus,
+            references=self.references(),
+            index=self.index,
+            exact_rows=self.exact_rows,
+            model=model,
+            gallery=self.gallery,
         )
+
+
+def _remote(uri: str) -> bool:
+    return storage.has_scheme(uri) and not uri.startswith("file://")
 
 
 def keep_rank(order: str, keys: list[str], width: np.ndarray, height: np.ndarray) -> np.ndarray:
@@ -107,7 +195,7 @@ def keep_rank(order: str, keys: list[str], width: np.ndarray, height: np.ndarray
 def decide(config: DedupConfig, table: pa.Table, vectors: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
     """keep / dup_of / similarity / cluster / reason for every row of one upstream shard, and the report (the
     single-process path on a table in memory)."""
-    columns, report, _ = single.decide(config.settings(), table, vectors, [(0, table.num_rows)])
+    columns, report, _, _ = single.decide(config.settings(), table, vectors, [(0, table.num_rows)])
     return columns, report
 
 
@@ -116,21 +204,32 @@ def global_step(config: DedupConfig, upstream: StageDir | None, stage: StageDir,
     stats = upstream.shard_stats()
     shards = [(s.shard, s.rows) for s in stats]
     embedded = sum(s.status.get("ok", 0) for s in stats)
-    settings = config.settings()
+    model = context.models.get("sscd")
+    settings = config.settings(model.path if model is not None else None)
     where = Where(upstream.uri, stage.global_uri, storage.join(stage.uri, "_report"))
-    if embedded <= settings.single_process_rows:
-        results = yield GlobalPhase("single", (GlobalTask("single", single.run, (where, settings, shards)),))
-        return results["single"]
+    info = None
+    if settings.references or settings.index:  # before any row is read: the model's identity, the references
+        task = GlobalTask("identify", against.identify, (where, settings, context.run_uri, context.stage_name))
+        info = (yield GlobalPhase("identify", (task,)))["identify"]
     d = 512
     if shards:
         d = int(storage.parquet_file(upstream.shard(shards[0][0])).schema_arrow.field("sscd").type.shape[0])
-    return (yield from distributed.plan(settings, where, shards, d))
+    if embedded > settings.single_process_rows:
+        return (yield from distributed.plan(settings, where, shards, d, info, stage.uri))
+    if info is not None and against.reference_rows(info) > 10 * settings.single_process_rows:
+        # a small batch against references larger than one task should read: they are searched as phases of tasks
+        return (yield from distributed.searched_then_single(settings, where, shards, d, info, stage.uri))
+    task = GlobalTask("single", single.run, (where, settings, shards, info, stage.uri))
+    results = yield GlobalPhase("single", (task,))
+    return results["single"]
 
 
 def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: Any) -> ShardOutput:
     (upstream_uri,) = task.inputs
     stage = StageDir(storage.join(context.run_uri, context.stage_name))
     table = storage.read_parquet(storage.join(stage.global_uri, shard_name(task.index) + ".parquet"))
+    if "dup_reference" not in table.column_names:  # decided before references existed (a resumed older run)
+        table = table.append_column("dup_reference", pa.nulls(table.num_rows, pa.string()))
     table = table.cast(DEDUP_SCHEMA)
     upstream_keys = storage.read_parquet(upstream_uri, columns=["key"])["key"]
     if not table["key"].equals(upstream_keys):  # the global step saw another version of the upstream shard
@@ -141,6 +240,8 @@ def process(config: DedupConfig, task: ShardTask, context: WorkContext, state: A
         "kept": sum(keep),
         "exact_duplicate": reasons.count("exact_duplicate"),
         "near_duplicate": reasons.count("near_duplicate"),
+        "seen_before": reasons.count("seen_before"),
+        "eval_overlap": reasons.count("eval_overlap"),
     }
     return ShardOutput(table, extra)
 
@@ -156,7 +257,13 @@ def describe(config: DedupConfig) -> str:
     k = config.clusters or "3*sqrt(N)"
     top = f"top-{config.assign_top}" if config.assign_top else "top-2/3 (by N)"
     rounds = f", {config.rounds} rounds" if config.rounds else ", 1-3 rounds (by N)"
-    return f"cosine > {config.threshold:g}, K={k}, {top} assignment{rounds}, {config.order}"
+    against_ = "".join(
+        f"; against {a.name} ({a.kind}, cosine > {a.threshold if a.threshold is not None else config.threshold:g}): "
+        f"{a.path}"
+        for a in config.against
+    )
+    index_ = "" if config.index else "; no index"
+    return f"cosine > {config.threshold:g}, K={k}, {top} assignment{rounds}, {config.order}{against_}{index_}"
 
 
 SPEC = StageSpec(
