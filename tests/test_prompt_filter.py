@@ -16,6 +16,7 @@ from encode_helpers import write_stage_like_runner
 
 from curate import storage
 from curate.config import ConfigError
+from curate.filter import prompts
 from curate.filter.prompts import PromptFile, PromptRules, build_index, words
 from curate.filter.rules import FilterRules, Rows, evaluate
 from curate.pipeline import parse_pipeline
@@ -109,7 +110,7 @@ def test_a_row_matches_through_its_synthetic_caption(prompt_file):
     assert decision.prompts[2] is None
 
 
-def test_parquet_prompts_and_the_index_size(tmp_path, prompt_file):
+def test_parquet_prompts_and_the_index_size(tmp_path, prompt_file, monkeypatch):
     table = pa.table({"id": [7, 8], "Prompt": ["Two dogs playing frisbee in a sunny park at noon.", None]})
     pq.write_table(table, tmp_path / "parti.parquet")
     rules = PromptRules((PromptFile(str(prompt_file)), PromptFile(str(tmp_path / "parti.parquet"), "Prompt")))
@@ -120,6 +121,11 @@ def test_parquet_prompts_and_the_index_size(tmp_path, prompt_file):
     # all template phrases); none of the 3-word prompt. Exact: all four.
     assert len(index.exact) == 4 and len(index.grams) == 3 + 5 + 3
     assert index.nbytes < 4 * 200
+    monkeypatch.setattr(prompts, "BUILD_CHUNK", 2)  # built in chunks: the same index
+    chunked = build_index(rules)
+    for name in ("exact", "exact_ids", "grams", "gram_ids", "lines", "file_starts"):
+        assert np.array_equal(getattr(chunked, name), getattr(index, name)), name
+    assert chunked.digest == index.digest and chunked.texts.equals(index.texts)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ digit turned into a space, whitespace collapsed. A caption matches a prompt when
 - *exact*: its normalised words equal the prompt's, or
 - *n-gram*: it contains ``n`` consecutive words that also follow each other in the prompt. Only prompts of at
   least ``n`` words take part (a short prompt matches only exactly), and a run whose every word lies inside
-  an allow-listed template phrase of the prompt ("a photo of a", "trending on artstation") is not indexed, so
-  template phrases never make a match by themselves.
+  an allow-listed template phrase of the prompt ("a photo of", "trending on artstation") or is a function word
+  ("a", "of") is not indexed, so template phrases never make a match by themselves.
 
 The prompts become a compact index, built once per worker process (``prompt_index`` keeps the last one):
 sorted 64-bit hashes of every prompt's normalised text and of its indexable n-grams, each with the id of the
@@ -32,6 +32,7 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -259,48 +260,61 @@ def _sorted_first(hashes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
     return hashes[first], ids[first].astype(np.uint32)
 
 
-def build_index(rules: PromptRules) -> PromptIndex:
-    """Read every prompt file and index it (see the module docstring for what is held per prompt)."""
-    texts: list[str] = []
-    lines: list[int] = []
-    starts = []
-    for file in rules.files:
-        starts.append(len(texts))
-        found, where = read_prompts(file)
-        if not found:
-            raise ValueError(f"{file.uri}: no prompts in it (every line or value is empty)")
-        texts += found
-        lines += where
-    if len(texts) >= 2**32:
-        raise ValueError(f"{len(texts):,} prompts: at most 2^32 - 1 fit the index's uint32 ids")
-    allow = [w for w in (words(a) for a in rules.allow) if w]
+BUILD_CHUNK = 65_536  # prompts normalised at a time while building: the Python objects of one chunk at most
+
+
+def _index_chunk(
+    texts: list[str], first: int, n: int, allow: list[list[str]], digest: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hashes of one chunk of prompts (ids from ``first``): (exact hashes, their ids, n-gram hashes, their ids)."""
     normal = [words(t) for t in texts]
-    digest = hashlib.sha256(repr((rules.ngram, allow)).encode())
     for w in normal:
         digest.update(" ".join(w).encode() + b"\n")
     covered = [_covered(w, allow) for w in normal]
-    useful = [not c.all() for c in covered]  # an empty or content-free prompt matches nothing
-    exact_ids = np.flatnonzero(useful).astype(np.int64)
-    exact = np.array([_text_hash(normal[i]) for i in exact_ids.tolist()], np.uint64)
-    n = rules.ngram
-    long_ids = [i for i in exact_ids.tolist() if n > 0 and len(normal[i]) >= n]
+    useful = [i for i, c in enumerate(covered) if not c.all()]  # an empty or content-free prompt matches nothing
+    exact = np.array([_text_hash(normal[i]) for i in useful], np.uint64)
+    long_ids = [i for i in useful if n > 0 and len(normal[i]) >= n]
     flat, offsets = _word_hashes([normal[i] for i in long_ids])
     grams, at = _ngram_hashes(flat, offsets, n)
     owner = np.repeat(np.array(long_ids, np.int64), np.diff(offsets))[at] if len(at) else np.zeros(0, np.int64)
-    mask = np.concatenate([covered[i] for i in long_ids]) if long_ids else np.zeros(0, bool)
     if len(at):  # drop n-grams without content: a run of n covered words
-        run = np.concatenate([[0], np.cumsum(mask)])
+        run = np.concatenate([[0], np.cumsum(np.concatenate([covered[i] for i in long_ids]))])
         keep = (run[at + n] - run[at]) < n
         grams, owner = grams[keep], owner[keep]
-    exact, exact_id = _sorted_first(exact, exact_ids)
-    grams, gram_id = _sorted_first(grams, owner)
+    return exact, np.array(useful, np.int64) + first, grams, owner + first
+
+
+def build_index(rules: PromptRules) -> PromptIndex:
+    """Read every prompt file and index it, BUILD_CHUNK prompts at a time (see the module docstring for what is
+    held per prompt)."""
+    allow = [w for w in (words(a) for a in rules.allow) if w]
+    digest = hashlib.sha256(repr((rules.ngram, allow)).encode())
+    texts: list[pa.Array] = []
+    lines: list[np.ndarray] = []
+    parts: list[tuple[np.ndarray, ...]] = []
+    starts = [0]
+    for file in rules.files:
+        found, where = read_prompts(file)
+        if not found:
+            raise ValueError(f"{file.uri}: no prompts in it (every line or value is empty)")
+        for start in range(0, len(found), BUILD_CHUNK):
+            chunk = found[start : start + BUILD_CHUNK]
+            parts.append(_index_chunk(chunk, starts[-1] + start, rules.ngram, allow, digest))
+        texts.append(pa.array(found, pa.large_string()))
+        lines.append(np.array(where, np.uint32))
+        starts.append(starts[-1] + len(found))
+        del found, where
+    if starts[-1] >= 2**32:
+        raise ValueError(f"{starts[-1]:,} prompts: at most 2^32 - 1 fit the index's uint32 ids")
+    exact, exact_id = _sorted_first(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    grams, gram_id = _sorted_first(np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
     return PromptIndex(
-        ngram=n,
+        ngram=rules.ngram,
         allow=allow,
         files=rules.files,
-        file_starts=np.array([*starts, len(texts)], np.int64),
-        texts=pa.array(texts, pa.large_string()),
-        lines=np.array(lines, np.uint32),
+        file_starts=np.array(starts, np.int64),
+        texts=pa.concat_arrays(texts),
+        lines=np.concatenate(lines),
         exact=exact,
         exact_ids=exact_id,
         grams=grams,
