@@ -13,8 +13,8 @@ digit turned into a space, whitespace collapsed. A caption matches a prompt when
 The prompts become a compact index, built once per worker process (``prompt_index`` keeps the last one):
 sorted 64-bit hashes of every prompt's normalised text and of its indexable n-grams, each with the id of the
 first prompt that has it (12 bytes per entry), plus the prompts as written (their UTF-8 bytes and an 8-byte
-offset) and their line numbers (4 bytes). About 60 + 12 x (words - n + 2) bytes per prompt: ~110 B for a
-COCO caption of 11 words, ~450 B for a 30-word DiffusionDB prompt (`bench/prompts.py` measures it). A row's
+offset) and their line numbers (4 bytes): text + 24 + 12 x (words - n + 1) bytes per prompt, measured 147 B
+for prompts of 8-14 words, 410 B for 10-40 words (`bench/prompts.py`). A row's
 n-grams are hashed with numpy (a polynomial over per-word BLAKE2b hashes) and looked up with one
 ``searchsorted``: the cost per row grows with its words and log(prompts), never with a scan over the prompts.
 A hash hit is confirmed on the words themselves, so a hash collision can never remove a row.
