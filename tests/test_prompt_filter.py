@@ -17,6 +17,7 @@ from encode_helpers import write_stage_like_runner
 from curate import storage
 from curate.config import ConfigError
 from curate.filter import prompts
+from curate.filter.prompt_report import check_one_index
 from curate.filter.prompts import PromptFile, PromptRules, build_index, words
 from curate.filter.rules import FilterRules, Rows, evaluate
 from curate.pipeline import parse_pipeline
@@ -255,3 +256,9 @@ def test_bad_prompt_settings_fail_before_any_work_naming_the_field(tmp_path, cha
 def test_a_filter_with_only_exclude_prompts_is_valid(tmp_path, prompt_file):
     config = FilterConfig(kind="filter", exclude_prompts=[str(prompt_file)])
     assert config.rules().prompts == PromptRules((PromptFile(str(prompt_file)),))
+
+
+def test_prompt_files_changed_during_a_run_fail_the_report():
+    check_one_index({0: "a" * 64, 1: "a" * 64, 2: None})  # one set (shard 2 had no prompt rule record)
+    with pytest.raises(ValueError, match=r"2 different sets of prompts \(aaaaaaaaaaaa: 2 shards, e\.g\. 0, 1; bbbb"):
+        check_one_index({0: "a" * 64, 1: "a" * 64, 5: "b" * 64})

@@ -186,10 +186,12 @@ def collect(
     rows = kept = 0
     first: list[pa.Table] = []
     matches = prompt_report.PromptMatches(examples) if config.prompts is not None else None
+    columns = COLUMNS
     if matches is not None:
         prompt_report.check_one_index({s.shard: s.extra.get("prompt_index") for s in stats})
+        columns = COLUMNS + prompt_report.COLUMNS
     for index in sorted(stage.done_shards()):
-        table = storage.read_parquet(stage.shard(index), columns=COLUMNS + (prompt_report.COLUMNS if matches else []))
+        table = storage.read_parquet(stage.shard(index), columns=columns)
         if matches is not None:
             matches.add(table, index)
         rows += table.num_rows
