@@ -124,12 +124,16 @@ def run_dedup(run: Path, dedup: dict, cpus: int) -> dict:
             "phases": phases}  # fmt: skip
 
 
-def found_pairs(run: Path) -> np.ndarray:
-    """Keys (a * 2^40 + b, a < b by id) of every pair the search found (before the neighbour bound)."""
+def found_pairs(run: Path, rounds: int | None = None) -> np.ndarray:
+    """Keys (a * 2^40 + b, a < b by id) of every pair the search found (before the neighbour bound), in all
+    rounds or in the first ``rounds`` (each round's clustering depends only on its seed, so the pairs of rounds
+    0..R-1 of a longer run are those of an R-round run)."""
     import pyarrow.parquet as pq
 
     keys = []
     for file in (run / "dedup" / "_global").glob("r*/search/q*/*.parquet"):
+        if rounds is not None and int(file.relative_to(run / "dedup" / "_global").parts[0][1:]) >= rounds:
+            continue
         table = pq.read_table(file, columns=["a", "b"])
         a, b = _positions(table["a"].to_numpy()), _positions(table["b"].to_numpy())
         keys.append(np.minimum(a, b) * (1 << 40) + np.maximum(a, b))
@@ -144,9 +148,11 @@ def _positions(ids: np.ndarray, shard_rows: int | None = None) -> np.ndarray:
 _SHARD_ROWS = [100_000]
 
 
-def sampled_recall(run: Path, n: int, queries: int, threshold: float, seed: int) -> dict:
+def sampled_recall(run: Path, n: int, queries: int, threshold: float, seed: int, rounds: int = 1) -> dict:
     """Exact neighbours (float32, > threshold) of ``queries`` random rows against all N rows, streamed over the
-    shards, and the fraction of those pairs the dedup search found."""
+    shards in blocks of QUERY_BLOCK query rows (memory: QUERY_BLOCK x shard rows x 4 B), and the fraction of
+    those pairs the dedup search found; also after each round (rounds 0..r-1), and the standard error of the
+    ratio over the sampled rows (a row's pairs are not independent: groups of copies)."""
     import pyarrow.parquet as pq
 
     from curate.dedup.cluster import normalize
@@ -163,19 +169,43 @@ def sampled_recall(run: Path, n: int, queries: int, threshold: float, seed: int)
         inside = q[(q >= offset) & (q < offset + len(x))]
         xq[np.searchsorted(q, inside)] = normalize(x[inside - offset])
         offset += len(x)
-    truth, offset = [], 0
+    truth, owner, offset = [], [], 0
     for file in files:
         x = normalize(embedding_matrix(pq.read_table(file, columns=["sscd"])["sscd"]))
-        qi, col = np.nonzero(xq @ x.T > threshold)
-        mine, other = q[qi], col + offset
-        keep = mine != other
-        truth.append(np.minimum(mine[keep], other[keep]) * (1 << 40) + np.maximum(mine[keep], other[keep]))
+        for start in range(0, len(q), QUERY_BLOCK):
+            qi, col = np.nonzero(xq[start : start + QUERY_BLOCK] @ x.T > threshold)
+            mine, other = q[start + qi], col + offset
+            keep = mine != other
+            truth.append(np.minimum(mine[keep], other[keep]) * (1 << 40) + np.maximum(mine[keep], other[keep]))
+            owner.append(mine[keep])
         offset += len(x)
-    truth_keys = np.unique(np.concatenate(truth))
-    found = found_pairs(run)
-    recall = float(np.isin(truth_keys, found).mean()) if len(truth_keys) else 1.0
-    seconds = time.perf_counter() - started
-    return {"queries": len(q), "true_pairs": len(truth_keys), "recall": recall, "seconds": seconds}
+    keys, first = np.unique(np.concatenate(truth), return_index=True)
+    owner = np.concatenate(owner)[first]  # a pair of two sampled rows counts once, for one of them
+    out = {"queries": len(q), "true_pairs": len(keys), "by_rounds": {}}
+    for r in [*range(1, rounds), None]:
+        hit = np.isin(keys, found_pairs(run, r)) if len(keys) else np.zeros(0, bool)
+        recall = float(hit.mean()) if len(keys) else 1.0
+        out["by_rounds"][r or rounds] = {"recall": recall, "stderr": _ratio_stderr(owner, hit)}
+    out |= out["by_rounds"][rounds]
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+QUERY_BLOCK = 2000
+
+
+def _ratio_stderr(owner: np.ndarray, hit: np.ndarray) -> float:
+    """Standard error of sum(found) / sum(pairs) over sampled rows (the delta method for a ratio estimator,
+    rows as the sampling unit)."""
+    if not len(hit):
+        return 0.0
+    _, row = np.unique(owner, return_inverse=True)
+    pairs = np.bincount(row).astype(np.float64)
+    found = np.bincount(row, weights=hit.astype(np.float64))
+    ratio = found.sum() / pairs.sum()
+    m = len(pairs)
+    residual = found - ratio * pairs
+    return float(np.sqrt(m / max(1, m - 1) * (residual**2).sum()) / pairs.sum())
 
 
 def print_phases(result: dict) -> None:
@@ -222,10 +252,15 @@ def bench_global(n: int, folder: Path, shard_rows: int, cpus: int, queries: int,
         result["decisions"] = decisions_digest(run)
         if label == "distributed":
             print_phases(result)
-            result["recall"] = sampled_recall(run, n, queries, threshold, seed)
+            rounds = len({p.split("-")[0] for p in result["done"]["phases"] if p[0] == "r" and p[1].isdigit()})
+            result["recall"] = sampled_recall(run, n, queries, threshold, seed, rounds)
             recall = result["recall"]
             print(f"# sampled exact recall: {recall['true_pairs']:,} true pairs of {recall['queries']:,} random rows, "
-                  f"recall {recall['recall']:.4f} ({recall['seconds']:.0f} s)", flush=True)  # fmt: skip
+                  f"recall {recall['recall']:.4f} +- {recall['stderr']:.4f} (standard error) "
+                  f"({recall['seconds']:.0f} s)", flush=True)  # fmt: skip
+            by = "; ".join(f"{r} round{'s' if r > 1 else ''} {v['recall']:.4f} +- {v['stderr']:.4f}"
+                           for r, v in recall["by_rounds"].items())  # fmt: skip
+            print(f"# the same sample, pairs of the first rounds only (each round's clustering is its own): {by}")
         else:
             largest = max(r["peak_rss"] for r in result["phases"].values())
             print(f"# the one task: peak RSS {largest / GiB:.2f} GiB; driver {result['driver_rss'] / GiB:.2f} GiB")

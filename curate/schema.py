@@ -130,6 +130,11 @@ FILTER_SCHEMA = pa.schema(
         pa.field("aesthetic", pa.float32()),
         pa.field("nsfw", pa.float32()),
         pa.field("watermark", pa.float32()),
+        pa.field("matched_prompt", pa.string()),  # exclude_prompts: the prompt the row matched, as written
+        pa.field("matched_prompt_file", pa.string()),
+        pa.field("matched_prompt_line", pa.int32()),
+        pa.field("matched_column", pa.string()),
+        pa.field("matched_words", pa.string()),
     ]
 )
 

@@ -51,15 +51,17 @@ def default_clusters(n: int) -> int:
 
 
 # (rows up to, assign_top, rounds): the cheapest measured settings with pair recall >= 0.99 on structureless
-# vectors (bench/dedup.py; docs/dedup.md): recall per round falls as clusters grow (3*sqrt(N)/... rows each),
-# and a third cluster per row costs less than another round (the search grows with top^2, a round redoes every
-# Lloyd pass).
-SEARCH_DEFAULTS = ((150_000, 2, 1), (2_000_000, 3, 2), (None, 3, 3))
+# vectors (bench/dedup.py, bench/dedup_rounds.py; docs/dedup.md): recall per round falls as clusters grow
+# (3*sqrt(N)/... rows each). A third cluster per row costs less than another round at small N; beyond that a
+# round is the cheaper step: at clusters of ~1,000 rows a fourth cluster per row halves the pairs missed for
+# 2.2x the search, another round divides them by 6-7 for one more clustering and search (bench/dedup_rounds.py).
+SEARCH_DEFAULTS = ((150_000, 2, 1), (2_000_000, 3, 2), (5_000_000, 3, 3), (None, 3, 4))
 
 
 def default_search(n: int) -> tuple[int, int]:
     """(assign_top, rounds) for ``n`` rows: top-2 and one clustering up to 150k rows (recall 0.995 at 100k),
-    top-3 and two up to 2M (0.9985 at 1M), top-3 and three beyond (recall at 10M in docs/dedup.md)."""
+    top-3 and two up to 2M (0.997 at 1M), three up to 5M, four beyond (10M: 0.988 with three rounds; four in
+    docs/dedup.md)."""
     for limit, top, rounds in SEARCH_DEFAULTS:
         if limit is None or n <= limit:
             return top, rounds

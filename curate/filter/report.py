@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate import storage
+from curate.filter import prompt_report
 from curate.filter.rules import ORDER, RULES, SCORE_COLUMNS, FilterRules, position
 from curate.runfolder import StageDir
 
@@ -184,8 +185,15 @@ def collect(
     removed: dict[str, int] = {}
     rows = kept = 0
     first: list[pa.Table] = []
+    matches = prompt_report.PromptMatches(examples) if config.prompts is not None else None
+    columns = COLUMNS
+    if matches is not None:
+        prompt_report.check_one_index({s.shard: s.extra.get("prompt_index") for s in stats})
+        columns = COLUMNS + prompt_report.COLUMNS
     for index in sorted(stage.done_shards()):
-        table = storage.read_parquet(stage.shard(index), columns=COLUMNS)
+        table = storage.read_parquet(stage.shard(index), columns=columns)
+        if matches is not None:
+            matches.add(table, index)
         rows += table.num_rows
         kept += int(np.asarray(table["keep"].to_numpy(zero_copy_only=False)).sum())
         counted = table["removed_by"].value_counts().to_pylist()
@@ -223,6 +231,7 @@ def collect(
         "top_fraction": top,
         "measures": measures,
         "warnings": warnings,
+        "prompt_matches": matches.summary() if matches is not None else None,
     }
     report["examples"] = _examples(examples, measures, pa.concat_tables(first) if first else pa.table({}))
     return report
@@ -247,6 +256,8 @@ def markdown(report: dict[str, Any], name: str, pictures: dict[str, str]) -> str
     for rule, count in report["removed"].items():
         lines.append(f"| `{rule}` | {count:,} | {100 * count / max(1, rows):.2f} |")
     lines.append(f"| kept | {report['kept']:,} | {100 * report['fraction_kept']:.2f} |")
+    if report.get("prompt_matches") is not None:
+        lines += prompt_report.markdown(report["prompt_matches"])
     if "histograms" in pictures:
         lines += ["", f"![histograms]({pictures['histograms']})"]
     for measure, info in report["measures"].items():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curate.filter.prompts import Found, PromptRules, match, prompt_index
+
 # (removed_by value, what removes a row), in evaluation order. `keep_from` is written `keep_from:<stage>`.
 RULES: tuple[tuple[str, str], ...] = (
     ("not_ok_upstream", "the image row's status is not `ok` (the filter's `status` keeps the image's)"),
@@ -20,6 +22,8 @@ RULES: tuple[tuple[str, str], ...] = (
     ("aspect_ratio", "longer side / shorter side is above `max_aspect_ratio`"),
     ("caption_words", "fewer than `min_caption_words` or more than `max_caption_words` words"),
     ("caption_chars", "fewer than `min_caption_chars` characters (after stripping whitespace)"),
+    ("prompt_exact", "a caption (`prompt_columns`) is, after normalisation, a prompt of `exclude_prompts`"),
+    ("prompt_ngram", "a caption shares `prompt_ngram` words in a row with a prompt of `exclude_prompts`"),
     ("language", "the caption's language is not in `languages`, identified with probability >= `language_confidence`"),
     ("no_score", "a score rule is configured but the score row is not `ok` or that score is null"),
     ("clip_score_min", "CLIP image-text cosine below `clip_score_min`"),
@@ -49,6 +53,7 @@ class FilterRules:
     min_caption_words: int | None = None
     max_caption_words: int | None = None
     min_caption_chars: int | None = None
+    prompts: PromptRules | None = None  # exclude_prompts and its settings
     languages: tuple[str, ...] | None = None
     language_confidence: float = 0.5
     score_from: str | None = None
@@ -75,6 +80,7 @@ class Rows:
     width: np.ndarray
     height: np.ndarray
     caption: list[str | None]
+    texts: dict[str, list[str | None]] | None = None  # the prompt rule's columns (default: {"caption": caption})
     kept_by_source: np.ndarray | None = None  # bool, from keep_from
     score_ok: np.ndarray | None = None  # bool: the score stage's row is `ok`
     scores: dict[str, np.ndarray] | None = None  # SCORE_COLUMNS -> float32 (nan when null)
@@ -87,6 +93,7 @@ class Decision:
     caption_chars: np.ndarray  # int32
     language: list[str | None]  # top language of rows that reached the language rule
     language_prob: np.ndarray  # float32, nan where not identified
+    prompts: list[Found | None] | None = None  # the prompt a row matched, for rows that reached the prompt rule
 
     @property
     def kept(self) -> np.ndarray:
@@ -131,6 +138,16 @@ def evaluate(config: FilterRules, rows: Rows) -> Decision:
         apply("caption_words", (words < (lo or 0)) | (words > (hi if hi is not None else np.iinfo(np.int32).max)))
     if config.min_caption_chars is not None:
         apply("caption_chars", chars < config.min_caption_chars)
+    found: list[Found | None] | None = None
+    if config.prompts is not None:
+        reach = np.flatnonzero(removed == "").tolist()
+        texts = rows.texts if rows.texts is not None else {"caption": rows.caption}
+        hits = match(prompt_index(config.prompts), {name: [c[i] for i in reach] for name, c in texts.items()})
+        found = [None] * n
+        for i, hit in zip(reach, hits, strict=True):
+            found[i] = hit
+        apply("prompt_exact", np.array([f is not None and f.kind == "exact" for f in found], bool))
+        apply("prompt_ngram", np.array([f is not None and f.kind == "ngram" for f in found], bool))
     languages: list[str | None] = [None] * n
     probs = np.full(n, np.nan, np.float32)
     if config.languages is not None:
@@ -157,7 +174,7 @@ def evaluate(config: FilterRules, rows: Rows) -> Decision:
                 continue
             value = rows.scores[column].astype(np.float64)  # the stored float32, widened exactly: no rounding of t
             apply(rule, value < threshold if kind == "min" else value > threshold)
-    return Decision(removed, words, chars, languages, probs)
+    return Decision(removed, words, chars, languages, probs, found)
 
 
 def apply_top_fraction(decision: Decision, keys: list[str], clip: np.ndarray, cutoff: tuple[float, str] | None) -> None:

@@ -13,14 +13,16 @@ would remain at other thresholds, and thumbnails of images near them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from curate import storage
-from curate.config import StageConfig
+from curate.config import StageConfig, Strict
+from curate.filter.prompt_columns import column_problem, read_texts, split
+from curate.filter.prompts import TEMPLATE_PHRASES, PromptFile, PromptRules, file_problem, prompt_index, words
 from curate.filter.rules import (
     SCORE_COLUMNS,
     Decision,
@@ -38,7 +40,33 @@ from curate.steps import GlobalPhase, GlobalSteps, GlobalTask
 
 SCORE_FIELDS = ("clip_score_min", "clip_score_top_fraction", "aesthetic_min", "nsfw_max", "watermark_max")
 CHEAP_FIELDS = ("min_side", "max_aspect_ratio", "min_caption_words", "max_caption_words", "min_caption_chars")
+PROMPT_FIELDS = ("prompt_ngram", "prompt_allow", "prompt_columns")
 TOP_FRACTION_FILE = "top_fraction.json"
+
+
+class PromptFileConfig(Strict):
+    """A file of evaluation prompts: text, one prompt a line, or a Parquet file's `column`."""
+
+    path: str
+    column: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return storage.absolute(value)
+
+    @model_validator(mode="after")
+    def _column_for_parquet(self) -> PromptFileConfig:
+        parquet = self.path.lower().endswith(".parquet")
+        if parquet and self.column is None:
+            raise ValueError(f"a Parquet file of prompts needs `column` (the one holding the prompts): {self.path}")
+        if not parquet and self.column is not None:
+            raise ValueError(f"`column` is for Parquet files; {self.path} is read as text, one prompt a line")
+        return self
+
+
+def _path_or_file(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
 
 
 class FilterConfig(StageConfig):
@@ -53,6 +81,12 @@ class FilterConfig(StageConfig):
     min_caption_words: PositiveInt | None = None  # whitespace-separated words of the original caption
     max_caption_words: PositiveInt | None = None
     min_caption_chars: PositiveInt | None = None  # for scripts without spaces between words
+    # prompt decontamination (docs/filters.md#prompt-decontamination): files of evaluation prompts
+    exclude_prompts: tuple[Annotated[PromptFileConfig, BeforeValidator(_path_or_file)], ...] = ()
+    prompt_ngram: int = Field(8, ge=0)  # words in a row shared with a prompt of at least this many words; 0: off
+    prompt_allow: tuple[str, ...] = TEMPLATE_PHRASES  # template phrases that never match by themselves
+    # captions to check: a column of the image stage (`caption`), or `<joined stage>.<column>`
+    prompt_columns: tuple[str, ...] = ("caption",)
     languages: tuple[str, ...] | None = None  # ISO 639-1 codes to keep, e.g. [en]; needs curate[lang]
     language_confidence: float = Field(0.5, ge=0.0, le=1.0)  # remove only captions this sure to be another language
     # score rules on a joined score stage (`score_from`, also listed in `join`)
@@ -90,9 +124,34 @@ class FilterConfig(StageConfig):
             raise ValueError(f"unknown language code {', '.join(unknown)} (langid knows: {', '.join(sorted(known))})")
         return value
 
+    @field_validator("prompt_allow")
+    @classmethod
+    def _phrases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        empty = [v for v in value if not words(v)]
+        if empty:
+            raise ValueError(f"{empty[0]!r} has no letters or digits: a template phrase needs words")
+        return value
+
+    @field_validator("prompt_columns")
+    @classmethod
+    def _columns(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one caption column, e.g. [caption]")
+        for column in value:
+            stage, name = split(column)
+            if stage == "" or not name:
+                raise ValueError(f"{column!r}: a joined stage's column is written <stage>.<column>")
+            joined = list(info.data.get("join", ()))
+            if stage is not None and stage not in joined:
+                raise ValueError(f"{column!r}: stage {stage!r} must be listed in `join` (join: {joined})")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> FilterConfig:
         check_keep_from(self.keep_from, self.join)
+        stray = [f for f in PROMPT_FIELDS if f in self.model_fields_set]
+        if stray and not self.exclude_prompts:
+            raise ValueError(f"{', '.join(stray)} set without `exclude_prompts` (the prompt files to match)")
         if self.score_from is not None and self.score_from not in self.join:
             raise ValueError(f"score_from {self.score_from!r} must also be listed in `join` (join: {list(self.join)})")
         if self.score_from is not None and self.score_from == self.keep_from:
@@ -101,13 +160,28 @@ class FilterConfig(StageConfig):
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"min_caption_words {lo} is above max_caption_words {hi}")
         rules = [f for f in (*CHEAP_FIELDS, *SCORE_FIELDS) if getattr(self, f) is not None]
-        if not rules and self.languages is None and self.keep_from is None:
-            raise ValueError(f"a filter needs a rule: one of {', '.join((*CHEAP_FIELDS, 'languages', *SCORE_FIELDS))}")
+        if not rules and self.languages is None and self.keep_from is None and not self.exclude_prompts:
+            every = (*CHEAP_FIELDS, "exclude_prompts", "languages", *SCORE_FIELDS)
+            raise ValueError(f"a filter needs a rule: one of {', '.join(every)}")
         return self
+
+    def check_inputs(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Local prompt files exist and have their column (Parquet footers only); remote ones are checked when
+        the stage plans, before its first task."""
+        files = [PromptFile(f.path, f.column) for f in self.exclude_prompts]
+        local = [(i, file) for i, file in enumerate(files) if storage.is_local(file.uri)]
+        return [(("exclude_prompts", i, "path"), p) for i, file in local if (p := file_problem(file)) is not None]
+
+    def prompt_rules(self) -> PromptRules | None:
+        if not self.exclude_prompts:
+            return None
+        files = tuple(PromptFile(f.path, f.column) for f in self.exclude_prompts)
+        return PromptRules(files, self.prompt_ngram, self.prompt_allow)
 
     def rules(self) -> FilterRules:
         """The rules as the filter package takes them."""
-        return FilterRules(**{f: getattr(self, f) for f in FilterRules.__dataclass_fields__})
+        fields = {f: getattr(self, f) for f in FilterRules.__dataclass_fields__ if f != "prompts"}
+        return FilterRules(**fields, prompts=self.prompt_rules())
 
     def settings(self) -> dict[str, Any]:
         """What the report records as the stage's settings."""
@@ -151,7 +225,9 @@ def _score_columns(config: FilterConfig, uri: str, keys: list[str]) -> tuple[np.
 def read_rows(config: FilterConfig, context: WorkContext, index: int, image_uri: str) -> Rows:
     names = storage.parquet_file(image_uri).schema_arrow.names
     wanted = ["key", "status", "width", "height", "original_width", "original_height", "caption"]
-    table = storage.read_parquet(image_uri, columns=[c for c in wanted if c in names])
+    if config.exclude_prompts:
+        wanted += [c for c in config.prompt_columns if "." not in c]
+    table = storage.read_parquet(image_uri, columns=[c for c in dict.fromkeys(wanted) if c in names])
     n = table.num_rows
     keys = table["key"].to_pylist()
     width, height = _floats(table["width"], n), _floats(table["height"], n)
@@ -161,6 +237,8 @@ def read_rows(config: FilterConfig, context: WorkContext, index: int, image_uri:
         width, height = np.where(known, ow, width), np.where(known, oh, height)
     caption = table["caption"].to_pylist() if "caption" in names else [None] * n
     rows = Rows(keys, table["status"].to_pylist(), width, height, caption)
+    if config.exclude_prompts:
+        rows.texts = read_texts(table, config.prompt_columns, lambda stage: context.joined_shard(stage, index))
     if config.keep_from is not None:
         flags = read_keep(context.joined_shard(config.keep_from, index), config.keep_from)
         rows.kept_by_source = np.array([flags.skip(k) is None for k in keys], bool)
@@ -225,6 +303,24 @@ def global_step(config: FilterConfig, upstream: StageDir | None, stage: StageDir
     return {"top_fraction": summary}
 
 
+def plan(config: FilterConfig, upstream: StageDir | None) -> list[ShardTask]:
+    """One task per upstream shard, after checking what the config could not check offline: remote prompt
+    files, and that the prompt columns exist in the first shard of the image stage and of the joined stages."""
+    tasks = one_task_per_upstream_shard(config, upstream)
+    assert upstream is not None
+    for i, file in enumerate(config.exclude_prompts):
+        problem = file_problem(PromptFile(file.path, file.column))
+        if problem:
+            raise ValueError(f"exclude_prompts[{i}].path: {problem}")
+    if config.exclude_prompts and tasks:
+        run = upstream.uri.rstrip("/").rsplit("/", 1)[0]
+        folder = {None: upstream} | {stage: StageDir(storage.join(run, stage)) for stage in config.join}
+        problem = column_problem(config.prompt_columns, lambda stage: folder[stage].shard(tasks[0].index))
+        if problem:
+            raise ValueError(f"prompt_columns: {problem}")
+    return tasks
+
+
 def read_cutoff(stage: StageDir) -> tuple[float, str] | None:
     summary = storage.read_json(storage.join(stage.global_uri, TOP_FRACTION_FILE))
     return None if summary["cutoff_score"] is None else (summary["cutoff_score"], summary["cutoff_key"])
@@ -254,6 +350,7 @@ def process(config: FilterConfig, task: ShardTask, context: WorkContext, state: 
         for r, image in zip(removed, rows.image_status, strict=True)
     ]
     scores = rows.scores or {}
+    found = decision.prompts or [None] * n
     table = pa.table(
         {
             "key": pa.array(rows.key, pa.string()),
@@ -267,13 +364,20 @@ def process(config: FilterConfig, task: ShardTask, context: WorkContext, state: 
             "language": pa.array(decision.language, pa.string()),
             "language_prob": _float32(decision.language_prob, n),
             **{c: _float32(scores.get(c), n) for c in SCORE_COLUMNS},
+            "matched_prompt": pa.array([f and f.prompt for f in found], pa.string()),
+            "matched_prompt_file": pa.array([f and f.file for f in found], pa.string()),
+            "matched_prompt_line": pa.array([f and f.line for f in found], pa.int32()),
+            "matched_column": pa.array([f and f.column for f in found], pa.string()),
+            "matched_words": pa.array([f and f.words for f in found], pa.string()),
         },
         schema=FILTER_SCHEMA,
     )
-    counts: dict[str, int] = {}
+    counts: dict[str, Any] = {}
     for r in removed:
         if r:
             counts[f"removed.{r}"] = counts.get(f"removed.{r}", 0) + 1
+    if config.exclude_prompts:  # which prompts this shard was checked against (the report checks they agree)
+        counts["prompt_index"] = prompt_index(config.prompt_rules()).digest
     return ShardOutput(table, {"kept": int(decision.kept.sum()), **counts})
 
 
@@ -292,6 +396,10 @@ def describe(config: FilterConfig) -> str:
         value = getattr(config, name)
         if value is not None:
             parts.append(f"{name} {value:g}")
+    if config.exclude_prompts:
+        ngram = f"or {config.prompt_ngram} words in a row" if config.prompt_ngram else "exactly"
+        parts.append(f"no caption ({', '.join(config.prompt_columns)}) matching the prompts of "
+                     f"{len(config.exclude_prompts)} file(s) {ngram}")  # fmt: skip
     if config.languages is not None:
         parts.append(f"languages {','.join(config.languages)} (confidence {config.language_confidence:g})")
     if config.score_from:
@@ -302,9 +410,9 @@ def describe(config: FilterConfig) -> str:
 SPEC = StageSpec(
     kind="filter",
     config=FilterConfig,
-    summary="keep/drop rows by cheap rules (size, aspect, caption, language) and stored scores (CLIP, aesthetic, NSFW)",
+    summary="keep/drop rows by cheap rules (size, aspect, caption, language, eval prompts) and stored scores",
     schema=FILTER_SCHEMA,
-    plan=one_task_per_upstream_shard,
+    plan=plan,
     process=process,
     global_step=global_step,
     global_when=lambda config: config.clip_score_top_fraction is not None,
