@@ -12,12 +12,15 @@ from memory; from memory xxh3-128 8.3, google-crc32c 6.0, zlib crc32 2.7, sha256
 
 Writing: pyarrow writes a Parquet file to a native stream without Python seeing the bytes; handing it a Python
 file object instead (`HashingSink`) costs a copy of every page into a new `bytes` (pyarrow writes a column
-chunk's pages in one call, 20-60 MB for tensor and image columns), which took as long as the write itself
-(bench/verify.py: +110-160% wall time). So on a local disk the file is written natively and `FileFollower`
-hashes it from the page cache on a thread as it grows (mmap, no copy; the file's size grows page by page even
-during one large write, so the thread keeps up and only the last bytes are hashed after the writer closes the
-file). Object stores, where the bytes never reach a local page cache, keep `HashingSink`: the upload, not the
-copy, is what limits their writes.
+chunk's pages in one call, 20-60 MB for tensor and image columns). So on a local disk the file is written
+natively and `FileFollower` hashes it from the page cache on a thread as it grows (mmap, no copy; the file's
+size grows page by page even during one large write, so the thread keeps up and only the last bytes, 0.2-23 MB
+of a 208 MB shard, are hashed after the writer closes the file). Measured on this project's 2-core VM at load
+6 (a 208 MB encode-shaped shard, medians of 16 interleaved writes): plain 0.18 s, `FileFollower` +29% and
+`HashingSink` +39% wall time; the follower's thread spends 22-28 ms of CPU a shard, about the CRC of 208 MB
+read from memory, which a write only hides when a core is free (bench/verify.py, docs/operations.md). Object
+stores, where the bytes never reach a local page cache, keep `HashingSink`: the upload, not the copy, is what
+limits their writes.
 
 Reading: local files with large sequential reads into one reused buffer, announced with
 posix_fadvise(SEQUENTIAL) (the kernel doubles its read-ahead), hashed in line (the kernel reads ahead while
