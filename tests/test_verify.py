@@ -144,7 +144,7 @@ def test_every_write_and_read_path_gives_the_crc32c_of_the_file(tmp_path):
     """The local write (hashed from the page cache by a thread as the file grows), the object-store write
     (HashingSink), the local read and the stream read all give the CRC32C of the bytes on disk."""
     rng = np.random.default_rng(0)
-    blobs = pa.array([rng.bytes(200_000) for _ in range(150)], pa.binary())  # 30 MB, three row groups
+    blobs = pa.array([rng.bytes(100_000) for _ in range(150)], pa.binary())  # 15 MB, three row groups
     table = pa.table({"key": [f"k{i:04d}" for i in range(150)], "blob": blobs})
     digest = Digest()
     path = tmp_path / "shard.parquet"
