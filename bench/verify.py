@@ -328,6 +328,9 @@ def main() -> None:
     folder = Path(args.folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    free = shutil.disk_usage(folder).free
+    if free < args.gb * 1e9 + 5e9:  # the disk is shared: leave others 5 GB rather than fail them mid-write
+        raise SystemExit(f"{free / 1e9:.1f} GB free in {folder}: not enough for a {args.gb:g} GB run and 5 GB spare")
     print(f"bench/verify.py: {args.gb:g} GB run, {args.rows} rows per shard, in {folder}", flush=True)
     print(cpu_header())
     print(disk_header(folder) + f"; crc32c package, hardware CRC instructions: {crc32c.hardware_based}")
