@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from curate.checksums import Digest, HashingSink, Streamed, stream_digest
+from curate.checksums import Digest, FileFollower, HashingSink, Streamed, file_digest, stream_digest
 
 _PYARROW_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
@@ -219,10 +219,6 @@ def write_json(uri: str, obj: Any) -> None:
     write_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def _sink(stream: Any, digest: Digest | None) -> Any:
-    return stream if digest is None else HashingSink(stream, digest)
-
-
 def write_parquet_atomic(
     uri: str,
     table: pa.Table,
@@ -234,20 +230,34 @@ def write_parquet_atomic(
     """Stream a Parquet file to a temporary name and rename it into place; returns its size in bytes.
 
     ``row_group_sizes`` (row counts, summing to the table's rows) places row-group boundaries exactly;
-    ``digest`` is updated with every byte written (the shard checksum, curate.checksums)."""
+    ``digest`` is updated with every byte written (the shard checksum): on a local disk by a thread that hashes
+    the file from the page cache as it grows, elsewhere from the buffers pyarrow writes (curate.checksums)."""
+    if row_group_sizes is not None and sum(row_group_sizes) != table.num_rows:
+        raise ValueError(f"row group sizes add up to {sum(row_group_sizes)}, not {table.num_rows} rows")
     fs, path = resolve(uri)
     tmp = _temporary_sibling(fs, path)
-    with fs.open_output_stream(tmp) as stream, contextlib.closing(_sink(stream, digest)) as sink:
-        if row_group_sizes is None:
-            pq.write_table(table, sink, row_group_size=row_group_size, **options)
-        else:
-            if sum(row_group_sizes) != table.num_rows:
-                raise ValueError(f"row group sizes add up to {sum(row_group_sizes)}, not {table.num_rows} rows")
-            with pq.ParquetWriter(sink, table.schema, **options) as writer:
-                start = 0
-                for rows in row_group_sizes:
-                    writer.write_table(table.slice(start, rows), row_group_size=max(1, rows))
-                    start += rows
+    local = isinstance(fs, pafs.LocalFileSystem)
+    follower: FileFollower | None = None
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            if digest is not None and local:
+                follower = FileFollower(tmp, digest)
+            sink = HashingSink(stream, digest) if digest is not None and not local else stream
+            with contextlib.closing(sink):
+                if row_group_sizes is None:
+                    pq.write_table(table, sink, row_group_size=row_group_size, **options)
+                else:
+                    with pq.ParquetWriter(sink, table.schema, **options) as writer:
+                        start = 0
+                        for rows in row_group_sizes:
+                            writer.write_table(table.slice(start, rows), row_group_size=max(1, rows))
+                            start += rows
+    except BaseException:
+        if follower is not None:
+            follower.abandon()
+        raise
+    if follower is not None:
+        follower.finish()
     size = digest.size if digest is not None else fs.get_file_info(tmp).size
     fs.move(tmp, path)
     return int(size or 0)
@@ -279,6 +289,8 @@ def remove_temporaries(folder_uri: str) -> int:
 def read_digest(uri: str) -> Streamed:
     """Size, checksum and last bytes of a file, read once from start to end in large sequential reads."""
     fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return file_digest(path)
     with fs.open_input_stream(path) as f:
         return stream_digest(f)
 

@@ -8,12 +8,16 @@ import json
 import shutil
 from pathlib import Path
 
+import crc32c
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, curate_cli
 
 from curate import storage
-from curate.checksums import Digest
+from curate.checksums import Digest, HashingSink, stream_digest
 from curate.pipeline import load_pipeline, parse_pipeline
 from curate.runfolder import RunDir, ShardDamaged, ShardStats
 from curate.runner import run_pipeline
@@ -134,3 +138,32 @@ def test_reader_verifies_each_file_as_it_opens_it(encoded_run, tmp_path):
     with pytest.raises(ShardDamaged, match=f"{shard.name}: checksum crc32c:[0-9a-f]+, the marker says"):
         for _ in ShardDataset(str(stage), batch_size=4, shuffle=False, verify=True):
             pass
+
+
+def test_every_write_and_read_path_gives_the_crc32c_of_the_file(tmp_path):
+    """The local write (hashed from the page cache by a thread as the file grows), the object-store write
+    (HashingSink), the local read and the stream read all give the CRC32C of the bytes on disk."""
+    rng = np.random.default_rng(0)
+    blobs = pa.array([rng.bytes(100_000) for _ in range(150)], pa.binary())  # 15 MB, three row groups
+    table = pa.table({"key": [f"k{i:04d}" for i in range(150)], "blob": blobs})
+    digest = Digest()
+    path = tmp_path / "shard.parquet"
+    size = storage.write_parquet_atomic(str(path), table, row_group_sizes=[50, 50, 50], digest=digest)
+    data = path.read_bytes()
+    expected = f"crc32c:{crc32c.crc32c(data):08x}"
+    assert (size, digest.size, digest.tagged()) == (len(data), len(data), expected)
+    assert not list(tmp_path.glob("*.tmp*")) and pq.read_table(path).equals(table)
+
+    sunk = Digest()
+    with pafs.LocalFileSystem().open_output_stream(str(tmp_path / "sunk.parquet")) as stream:
+        sink = HashingSink(stream, sunk)
+        pq.write_table(table, sink, row_group_size=50)
+        sink.close()
+    assert sunk.tagged() == f"crc32c:{crc32c.crc32c((tmp_path / 'sunk.parquet').read_bytes()):08x}"
+
+    local = storage.read_digest(str(path))
+    with pafs.LocalFileSystem().open_input_stream(str(path)) as stream:
+        streamed = stream_digest(stream, chunk=3 << 20)
+    for found in (local, streamed):
+        assert (found.size, found.checksum, found.tail) == (len(data), expected, data[-len(found.tail) :])
+        assert len(found.tail) == min(len(data), 1 << 20)
