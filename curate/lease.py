@@ -538,14 +538,25 @@ def holding(
 ) -> Iterator[Lease]:
     """Hold the folder's lease for the block; released at its end, errors and interrupts included. If the lease
     is lost meanwhile, the main thread is interrupted and the block ends with LeaseLost."""
+    import signal
+
     in_main = threading.current_thread() is threading.main_thread()
-    lease = acquire(run_uri, ttl_seconds, renew_seconds, take_over, log=log,
-                    on_lost=_interrupt_main if in_main else log)  # fmt: skip
+    # a process started in the background (`cmd &` in a script, nohup) ignores SIGINT: the interrupt that ends the
+    # block on a lost lease needs a handler for the block's duration
+    ignored = in_main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        yield lease
-    except BaseException as e:
-        if lease.lost is not None:
-            raise LeaseLost(f"this run lost its lease on {run_uri} and stopped: {lease.lost}") from e
-        raise
+        lease = acquire(run_uri, ttl_seconds, renew_seconds, take_over, log=log,
+                        on_lost=_interrupt_main if in_main else log)  # fmt: skip
+        try:
+            yield lease
+        except BaseException as e:
+            if lease.lost is not None:
+                raise LeaseLost(f"this run lost its lease on {run_uri} and stopped: {lease.lost}") from e
+            raise
+        finally:
+            lease.release()
     finally:
-        lease.release()
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -72,7 +72,8 @@ def load_run_pipeline(run_uri: str) -> Pipeline:
 
 def one_to_one(pipeline: Pipeline, stage: StageConfig) -> bool:
     """Whether shard i of the stage is made from shard i of its upstream alone (keys and rows equal)."""
-    return pipeline.upstream(stage) is not None and STAGES[stage.kind].plan is one_task_per_upstream_shard
+    spec = STAGES[stage.kind]
+    return pipeline.upstream(stage) is not None and (spec.plan is one_task_per_upstream_shard or spec.one_to_one)
 
 
 # ---------------------------------------------------------------------------------------------------- checks

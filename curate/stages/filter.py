@@ -149,7 +149,12 @@ class FilterConfig(StageConfig):
     @model_validator(mode="after")
     def _consistent(self) -> FilterConfig:
         check_keep_from(self.keep_from, self.join)
-        stray = [f for f in PROMPT_FIELDS if f in self.model_fields_set]
+        fields = type(self).model_fields
+        stray = [  # set to something else than the default (a run folder's pipeline.yaml writes the defaults out)
+            f
+            for f in PROMPT_FIELDS
+            if f in self.model_fields_set and getattr(self, f) != fields[f].get_default(call_default_factory=True)
+        ]
         if stray and not self.exclude_prompts:
             raise ValueError(f"{', '.join(stray)} set without `exclude_prompts` (the prompt files to match)")
         if self.score_from is not None and self.score_from not in self.join:
@@ -413,6 +418,7 @@ SPEC = StageSpec(
     summary="keep/drop rows by cheap rules (size, aspect, caption, language, eval prompts) and stored scores",
     schema=FILTER_SCHEMA,
     plan=plan,
+    one_to_one=True,  # the plan is one task per upstream shard, after its prompt checks
     process=process,
     global_step=global_step,
     global_when=lambda config: config.clip_score_top_fraction is not None,

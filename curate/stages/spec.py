@@ -81,6 +81,10 @@ class StageSpec:
     # started before the first shard and stopped after the last or when the run stops); what it yields reaches
     # every worker as `WorkContext.services`
     services: Callable[[Any, WorkContext, Callable[[str], None]], AbstractContextManager[Any]] | None = None
+    # whether shard i is made from upstream shard i alone (keys and rows equal), as `one_task_per_upstream_shard`
+    # plans, for a plan that checks more before it returns those tasks (filter's prompt files): `curate verify`
+    # repairs such a stage shard by shard
+    one_to_one: bool = False
 
 
 def one_task_per_upstream_shard(config: Any, upstream: StageDir | None) -> list[ShardTask]:
