@@ -65,6 +65,29 @@ def test_bf16_candidates_give_exactly_the_float32_pairs():
         assert np.allclose(found.sim[order], truth.sim[reference], atol=1e-5)
 
 
+def test_a_dense_cluster_over_the_batch_limit_is_searched_alone_with_the_same_pairs():
+    """A cluster whose own product is over the CPU batch limit (a group of near copies, as LAION's placeholders)
+    goes through the tiled search with its quota instead of one padded product that held every candidate pair
+    before the quota: the pairs are those of the padded product, first 33 earlier rows per row."""
+    from curate.dedup.cluster import normalize
+    from curate.dedup.products import BATCH_SIMS, Vectors, _batched_pairs, pairs_in_clusters
+
+    rng = np.random.default_rng(9)
+    dense = normalize(rng.standard_normal(512) + 0.05 * rng.standard_normal((1600, 512)))  # every pair ~0.99
+    spread = normalize(rng.standard_normal((300, 512)))
+    spread[150:160] = normalize(spread[:10] + 0.01 * rng.standard_normal((10, 512)))
+    x = Vectors.for_precision(np.concatenate([dense, spread]).astype(np.float32), "auto")
+    clusters = [np.arange(1600), np.arange(1600, 1900)]
+    assert 1600**2 > BATCH_SIMS >= 300**2
+    found = pairs_in_clusters(x, clusters, 0.75, threads=1, quota=33)
+    for members, (a, b, sim) in zip(clusters, found, strict=True):
+        ra, rb, rsim = _batched_pairs(x, [members], 0.75, 33)
+        assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == sorted(zip(ra.tolist(), rb.tolist(), strict=True))
+        assert np.allclose(np.sort(sim), np.sort(rsim), atol=1e-6)
+    assert len(found[0][0]) == 33 * (1600 - 33) + 33 * 32 // 2  # each row's first 33 earlier rows
+    assert len(found[1][0]) == 10
+
+
 def test_rounds_unite_independent_clusterings():
     x, _ = planted_vectors(8000, seed=4)
     truth = brute_force_pairs(x, 0.75)
